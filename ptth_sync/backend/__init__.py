@@ -1,0 +1,246 @@
+"""The backend: dial routers and serve a WSGI application through the tunnels."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+from ..addresses import Address, AddressLike, format_address, parse_addresses
+from ..connection import Connection, ConnectionSettings, Stream
+from .pool import ThreadPool
+from .wsgi import WSGIApp, handle_request
+
+__all__ = ["Backend", "serve_wsgi"]
+
+log = logging.getLogger("ptth_sync.backend")
+
+
+class Backend:
+    """Keeps ``tunnels`` connections to each router and serves ``app`` on them.
+
+    The non-blocking form of :func:`serve_wsgi`::
+
+        backend = Backend("127.0.0.1:8887", app).start()
+        ...
+        backend.stop(graceful_timeout=30)   # drain, then close
+
+    A lost or refused connection is redialled forever with capped exponential
+    backoff and jitter, each attempt logged.
+    """
+
+    #: First and largest delay between two dials of one tunnel, in seconds.
+    backoff_initial = 0.1
+    backoff_max = 30.0
+    #: A connection that lived this long resets the backoff.
+    backoff_reset_after = 10.0
+
+    def __init__(
+        self,
+        addr: AddressLike,
+        app: WSGIApp,
+        *,
+        threads: int = 16,
+        tunnels: int = 1,
+        token: Optional[str] = None,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if token is not None:
+            msg = "the token handshake is not available in this version"
+            raise NotImplementedError(msg)
+        if tunnels < 1:
+            msg = "tunnels must be at least 1"
+            raise ValueError(msg)
+        self.addresses: List[Address] = parse_addresses(addr)
+        self.app = app
+        self.threads = threads
+        self.tunnels = tunnels
+        self.ssl_context = ssl_context
+        self.connect_timeout = connect_timeout
+        self.settings = ConnectionSettings(max_concurrent_streams=threads)
+        self._pool = ThreadPool(threads)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._connections: Dict[int, Connection] = {}
+        self._dialers: List[threading.Thread] = []
+        self._started = False
+
+    # -- public -------------------------------------------------------------
+
+    def start(self) -> Backend:
+        """Start the request pool and one dialer per tunnel; returns self."""
+        if self._started:
+            return self
+        self._started = True
+        self._pool.start()
+        for address in self.addresses:
+            log.info("Dialing tcp://%s and serving HTTP/2 traffic", format_address(address))
+            for index in range(self.tunnels):
+                dialer = threading.Thread(
+                    target=self._dial_forever,
+                    args=(address,),
+                    name=f"ptth-dialer {format_address(address)}#{index}",
+                    daemon=True,
+                )
+                dialer.start()
+                self._dialers.append(dialer)
+        return self
+
+    @property
+    def connections(self) -> List[Connection]:
+        """The tunnels currently up."""
+        with self._lock:
+            return [c for c in self._connections.values() if c.alive]
+
+    def wait_connected(self, count: int = 1, timeout: Optional[float] = None) -> bool:
+        """Block until ``count`` tunnels are up (their SETTINGS exchanged)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if sum(1 for c in self.connections if c.ready) >= count:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+    def stop(self, graceful_timeout: float = 30.0) -> bool:
+        """Stop dialling, drain every tunnel for at most ``graceful_timeout`` s, close.
+
+        Requests in flight finish (within the deadline); new ones are refused so
+        the router sends them elsewhere. Returns True when all finished in time.
+        """
+        self._stopping.set()
+        connections = self.connections
+        deadline = time.monotonic() + max(graceful_timeout, 0.0)
+        results: List[bool] = []
+        drainers = [
+            threading.Thread(target=lambda c=c: results.append(c.drain(max(deadline - time.monotonic(), 0.0))))
+            for c in connections
+        ]
+        for thread in drainers:
+            thread.start()
+        for thread in drainers:
+            thread.join()
+        for connection in connections:
+            connection.close("backend stopped")
+        for dialer in self._dialers:
+            dialer.join(max(deadline - time.monotonic(), 0.0) + 1.0)
+        self._pool.stop(max(deadline - time.monotonic(), 0.0) + 0.1)
+        return all(results)
+
+    def close(self) -> None:
+        """Stop at once: in-flight requests are cut."""
+        self.stop(graceful_timeout=0)
+
+    def __enter__(self) -> Backend:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- the dial loop --------------------------------------------------------
+
+    def _dial_forever(self, address: Address) -> None:
+        attempt = 0
+        name = format_address(address)
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                sock = self._dial(address)
+            except OSError as exc:
+                delay = self._backoff(attempt)
+                attempt += 1
+                log.warning("Connecting to %s failed: %s; retrying in %.1fs (attempt %d)", name, exc, delay, attempt)
+                self._stopping.wait(delay)
+                continue
+            connection = Connection(
+                sock,
+                client_side=False,
+                settings=self.settings,
+                on_request=self._on_request,
+                name=name,
+            )
+            with self._lock:
+                self._connections[id(connection)] = connection
+            connection.start()
+            if connection.wait_ready(self.settings.settings_timeout):
+                log.info("Tunnel to %s established", name)
+            connection.wait_closed()
+            with self._lock:
+                self._connections.pop(id(connection), None)
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > self.backoff_reset_after:
+                attempt = 0
+            delay = self._backoff(attempt)
+            attempt += 1
+            log.warning("Tunnel to %s lost: %s; reconnecting in %.1fs", name, connection.close_reason, delay)
+            self._stopping.wait(delay)
+
+    def _dial(self, address: Address) -> socket.socket:
+        sock = socket.create_connection(address, timeout=self.connect_timeout)
+        try:
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=address[0])
+            sock.settimeout(None)
+        except (OSError, ssl.SSLError):
+            sock.close()
+            raise
+        return sock
+
+    def _backoff(self, attempt: int) -> float:
+        """Capped exponential backoff with equal jitter."""
+        ceiling = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _on_request(self, stream: Stream) -> None:
+        # Runs on the reader thread: hand over, never block.
+        self._pool.submit(handle_request, stream, self.app, None)
+
+
+def serve_wsgi(
+    addr: AddressLike,
+    app: WSGIApp,
+    threads: int = 16,
+    tunnels: int = 1,
+    token: Optional[str] = None,
+    ssl_context: Optional[ssl.SSLContext] = None,
+    graceful_timeout: float = 30.0,
+) -> None:
+    """Dial the router(s) at ``addr`` and serve ``app`` through the tunnels. Blocks.
+
+    Called from the main thread, it returns after SIGTERM (requests in flight
+    finish, for at most ``graceful_timeout`` seconds) or SIGINT (at once).
+    """
+    backend = Backend(addr, app, threads=threads, tunnels=tunnels, token=token, ssl_context=ssl_context)
+    stop = threading.Event()
+    graceful = {"value": False}
+    previous = {}
+    in_main = threading.current_thread() is threading.main_thread()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        graceful["value"] = signum == signal.SIGTERM
+        stop.set()
+
+    if in_main:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, on_signal)
+    backend.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if graceful["value"]:
+            log.info("Stopping: letting requests in flight finish (at most %ss)", graceful_timeout)
+            backend.stop(graceful_timeout)
+        else:
+            backend.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -1,0 +1,58 @@
+"""``python -m ptth_sync.backend MODULE:APP``: serve a WSGI app through tunnels."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from gunicorn.errors import AppImportError
+from gunicorn.util import import_app
+
+from ..addresses import parse_addresses
+from ..cli import configure_logging, positive_float, positive_int, reject_token
+from . import serve_wsgi
+
+log = logging.getLogger("ptth_sync.backend")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ptth_sync.backend",
+        description="Dial a ptth_sync router and serve a WSGI application through the tunnel.",
+    )
+    parser.add_argument("app", metavar="MODULE:APP", help="the WSGI application, as gunicorn takes it")
+    parser.add_argument("--connect", default="127.0.0.1:8887", metavar="HOST:PORT[,HOST:PORT...]",
+                        help="the router(s) to dial (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=16, metavar="N",
+                        help="requests served at once per process (default: %(default)s)")
+    parser.add_argument("--tunnels", type=positive_int, default=1, metavar="N",
+                        help="connections kept to each router (default: %(default)s)")
+    parser.add_argument("--graceful-timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
+    parser.add_argument("--token", default=None, help="shared secret for the router (env PTTH_TOKEN)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="(default: %(default)s)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reject_token(parser, args.token)
+    configure_logging(args.log_level)
+    try:
+        addresses = parse_addresses(args.connect)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        app = import_app(args.app)
+    except (AppImportError, ImportError) as exc:
+        log.error("Cannot load %s: %s", args.app, exc)
+        return 1
+    serve_wsgi(addresses, app, threads=args.threads, tunnels=args.tunnels, graceful_timeout=args.graceful_timeout)
+    return 0
+

@@ -1,0 +1,237 @@
+"""The WSGI bridge of the backend: one HTTP/2 stream in, one WSGI call out."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Callable, Iterable, List, Optional, Tuple
+
+from h2.errors import ErrorCodes
+
+from ..connection import Stream
+from ..errors import ConnectionClosed, PTTHError, StreamReset
+from ..headers import InvalidHeader, build_environ, encode_response_headers
+
+__all__ = ["StreamInput", "handle_request"]
+
+log = logging.getLogger("ptth_sync.backend")
+
+WSGIApp = Callable[..., Iterable[bytes]]
+
+_ERROR_BODY = b"Internal Server Error\n"
+_ERROR_BLOCK = [
+    (b":status", b"500"),
+    (b"content-type", b"text/plain; charset=utf-8"),
+    (b"content-length", str(len(_ERROR_BODY)).encode()),
+]
+
+
+class ClientDisconnected(OSError):
+    """The request stream ended abnormally while the application read its body."""
+
+
+class StreamInput:
+    """``wsgi.input``: the request body, read from the stream as it arrives."""
+
+    def __init__(self, stream: Stream, timeout: Optional[float] = None) -> None:
+        self._stream = stream
+        self._timeout = timeout
+        self._buffer = b""
+        self._eof = False
+
+    def _more(self, size: int = -1) -> bytes:
+        if self._eof:
+            return b""
+        try:
+            data = self._stream.read(size, self._timeout)
+        except (PTTHError, OSError) as exc:
+            raise ClientDisconnected(str(exc)) from exc
+        if not data:
+            self._eof = True
+        return data
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        """Read ``size`` bytes (fewer only at the end); all of the body when ``size`` is negative."""
+        parts = [self._buffer] if self._buffer else []
+        have = len(self._buffer)
+        self._buffer = b""
+        if size is None or size < 0:
+            while True:
+                data = self._more()
+                if not data:
+                    return b"".join(parts)
+                parts.append(data)
+        while have < size:
+            data = self._more(size - have)
+            if not data:
+                break
+            parts.append(data)
+            have += len(data)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(data) > size:
+            data, self._buffer = data[:size], data[size:]
+        return data
+
+    def readline(self, size: Optional[int] = -1) -> bytes:
+        """Read one line, up to ``size`` bytes, the newline included."""
+        limit = -1 if size is None else size
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0 and (limit < 0 or end < limit):
+                line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]
+                return line
+            if 0 <= limit <= len(self._buffer):
+                line, self._buffer = self._buffer[:limit], self._buffer[limit:]
+                return line
+            data = self._more()
+            if not data:
+                line, self._buffer = self._buffer, b""
+                return line
+            self._buffer += data
+
+    def readlines(self, hint: int = -1) -> List[bytes]:
+        """Read lines until the end, or until about ``hint`` bytes were read."""
+        lines = []
+        total = 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                return lines
+
+    def __iter__(self) -> StreamInput:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+class _Response:
+    """State of one WSGI response: what ``start_response`` set and what was sent."""
+
+    __slots__ = ("block", "code", "headers_sent", "no_body", "remaining", "stream")
+
+    def __init__(self, stream: Stream, method: str) -> None:
+        self.stream = stream
+        self.block: Optional[List[Tuple[bytes, bytes]]] = None
+        self.code = 0
+        self.headers_sent = False
+        self.no_body = method == "HEAD"
+        self.remaining: Optional[int] = None  # declared Content-Length still to send
+
+    def start(self, status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info:
+            try:
+                if self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.block is not None:
+            msg = "start_response called a second time without exc_info"
+            raise AssertionError(msg)
+        code, block = encode_response_headers(status, headers)
+        self.code, self.block = code, block
+        self.no_body = self.no_body or code in (204, 304)
+        self.remaining = None
+        for name, value in block:
+            if name == b"content-length":
+                try:
+                    self.remaining = int(value)
+                except ValueError:
+                    msg = f"invalid Content-Length {value!r}"
+                    raise InvalidHeader(msg) from None
+        if self.no_body:
+            block[:] = [(n, v) for n, v in block if n != b"content-length" or code != 204]
+        return self.write
+
+    def write(self, data: bytes, end_stream: bool = False) -> None:
+        if self.block is None:
+            msg = "write() before start_response()"
+            raise AssertionError(msg)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            msg = f"the application must produce bytes, not {type(data).__name__}"
+            raise TypeError(msg)
+        if self.no_body:
+            data = b""
+        elif self.remaining is not None:
+            if len(data) > self.remaining:
+                log.warning("application sent more than its Content-Length; the excess is dropped")
+                data = data[: self.remaining]
+            self.remaining -= len(data)
+        if not self.headers_sent:
+            if not data and not end_stream:
+                return
+            self.headers_sent = True
+            self.stream.send_response(self.block, bytes(data), end_stream=end_stream)  # type: ignore[arg-type]
+        elif data or end_stream:
+            self.stream.send_data(bytes(data), end_stream=end_stream)
+
+    def finish(self) -> None:
+        if self.remaining:
+            # Ending cleanly would present a truncated body as complete (and
+            # h2 would see a Content-Length mismatch): reset instead.
+            log.error("application sent %d bytes less than its Content-Length; resetting the stream", self.remaining)
+            if not self.headers_sent:
+                self.headers_sent = True
+                self.stream.send_headers(self.block)  # type: ignore[arg-type]
+            self.stream.reset(ErrorCodes.INTERNAL_ERROR)
+            return
+        self.write(b"", end_stream=True)
+
+
+def handle_request(stream: Stream, app: WSGIApp, peer: Optional[Tuple[str, int]] = None) -> None:
+    """Run ``app`` for the request on ``stream`` and send its response."""
+    headers = stream.headers or []
+    environ = build_environ(headers, wsgi_input=StreamInput(stream), errors=sys.stderr, peer=peer)
+    response = _Response(stream, environ["REQUEST_METHOD"])
+    try:
+        _run_app(app, environ, response)
+    except (StreamReset, ConnectionClosed, ClientDisconnected) as exc:
+        log.info("%s %s: the router went away: %s", environ["REQUEST_METHOD"], environ["RAW_URI"], exc)
+    except Exception:
+        log.exception("Error handling request %s %s", environ["REQUEST_METHOD"], environ["RAW_URI"])
+        _answer_error(response)
+    finally:
+        # A complete response with an unread request body: RST_STREAM(NO_ERROR)
+        # tells the router to stop uploading (RFC 9113 §8.1); anything else
+        # unfinished is an internal error.
+        stream.close(ErrorCodes.NO_ERROR if stream.local_ended else ErrorCodes.INTERNAL_ERROR)
+
+
+def _run_app(app: WSGIApp, environ: dict, response: _Response) -> None:
+    result = app(environ, response.start)
+    try:
+        if isinstance(result, (list, tuple)) and response.block is not None:
+            last = len(result) - 1
+            for index, chunk in enumerate(result):
+                response.write(chunk, end_stream=index == last and response.remaining in (None, len(chunk)))
+        else:
+            for chunk in result:
+                response.write(chunk)
+        if response.block is None:
+            msg = "the application returned without calling start_response()"
+            raise AssertionError(msg)
+        if not response.stream.local_ended:
+            response.finish()
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+
+
+def _answer_error(response: _Response) -> None:
+    stream = response.stream
+    try:
+        if response.headers_sent:
+            stream.reset(ErrorCodes.INTERNAL_ERROR)
+        else:
+            response.headers_sent = True
+            stream.send_response(_ERROR_BLOCK, _ERROR_BODY, end_stream=True)
+    except (PTTHError, OSError):
+        pass

@@ -1,0 +1,762 @@
+"""The blocking HTTP/2 connection engine that serves both tunnel roles.
+
+A :class:`Connection` owns one socket and one ``h2`` state machine. The router
+uses it as the HTTP/2 client, the backend as the HTTP/2 server.
+
+Theory of operation
+-------------------
+
+Threads. Exactly one *reader* thread per connection calls ``recv``; it feeds
+the bytes to h2 under the connection lock and dispatches the resulting events
+to their :class:`Stream`. Any number of *user* threads (router request threads,
+backend pool threads) open streams, send and read through :class:`Stream`
+methods. One *writer* thread sends the bytes the reader produced (window
+updates, SETTINGS and PING acknowledgements).
+
+The lock. ``self._lock`` guards the h2 object, the stream table and every
+stream's buffers, and it is never held across socket I/O. Holding one lock
+over h2 calls *and* ``sendall`` deadlocks as soon as both directions carry
+bulk data with flow-control windows larger than the socket buffers: each
+side's sender blocks in ``sendall`` while its reader waits for the lock.
+
+Write order. HPACK state makes wire order matter, so the bytes h2 produces are
+appended to ``self._outbox`` while the lock is still held (production order).
+Whoever flushes takes the whole outbox under the lock and sends it while
+holding ``self._write_lock``, which serialises flushes and so keeps the order.
+User threads flush their own output (no hand-off to another thread on the hot
+path); the reader never flushes and never waits for the write lock, it only
+wakes the writer thread. A blocked ``sendall`` therefore never stops the
+reader, which keeps draining the peer's data and window updates.
+
+Flow control. A sender waits on its stream's condition until h2 reports a
+positive window; the reader notifies on ``WindowUpdated`` and
+``RemoteSettingsChanged``. A receiver acknowledges DATA only when its consumer
+takes it from the stream's buffer, so a slow consumer slows the producer; at
+stream teardown the unread remainder is acknowledged so the connection window
+never leaks. The connection-level window is opened to the maximum at start:
+per-stream windows bound the buffering, and one slow stream cannot starve the
+others.
+
+Death. When the connection fails, for whatever reason, every waiting thread is
+woken at once with :class:`~ptth_sync.errors.ConnectionClosed`; the reader
+closes the socket and calls ``on_close`` exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import hyperframe.frame
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
+
+from .errors import ConnectionClosed, StreamReset, StreamTimeout
+
+__all__ = ["Connection", "ConnectionSettings", "Header", "Stream"]
+
+log = logging.getLogger("ptth_sync.connection")
+
+Header = Tuple[bytes, bytes]
+
+# h2 logs every received frame with ``repr(frame)``, and a DataFrame's repr
+# hex-encodes its whole payload before truncating it, even when the logger is
+# a no-op. That repr dominates the receive path; give DATA frames a cheap one.
+hyperframe.frame.DataFrame._body_repr = lambda self: f"<data len={len(self.data)}>"  # type: ignore[method-assign]
+
+_MAX_WINDOW = 2**31 - 1
+_DEFAULT_WINDOW = 65535
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Tunables of one connection; the defaults suit a tunnel on a LAN."""
+
+    #: Per-stream receive window: how much one stream may buffer unread.
+    stream_window: int = 2 * 1024 * 1024
+    #: Largest DATA frame we accept (and the peer may send).
+    max_frame_size: int = 1024 * 1024
+    #: Streams the peer may open at once (meaningful for the server role).
+    max_concurrent_streams: int = 100
+    #: Largest decoded header block we accept.
+    max_header_list_size: int = 64 * 1024
+    #: Bytes asked of one ``recv`` call.
+    recv_size: int = 256 * 1024
+    #: Seconds the peer has to send its SETTINGS before we give up on it.
+    settings_timeout: float = 10.0
+
+
+class Stream:
+    """One HTTP/2 stream of a :class:`Connection`.
+
+    Every method may be called from any user thread; a stream is normally used
+    by one thread at a time, except that an upload may run beside a download.
+    """
+
+    def __init__(self, connection: Connection, stream_id: int) -> None:
+        self.connection = connection
+        self.id = stream_id
+        #: Request headers (server role) or response headers (client role).
+        self.headers: Optional[List[Header]] = None
+        self.trailers: Optional[List[Header]] = None
+        self._cond = threading.Condition(connection._lock)
+        self._chunks: Deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._remote_ended = False
+        self._local_ended = False
+        self._error: Optional[Exception] = None
+        self._closed = False
+        # Offset in the connection's output where this stream's first bytes
+        # were queued: nothing of the stream reached the peer while fewer
+        # bytes than this have been handed to the socket.
+        self._first_byte_offset: Optional[int] = None
+
+    # -- receiving -------------------------------------------------------
+
+    @property
+    def remote_ended(self) -> bool:
+        """True once the peer has ended its side of the stream."""
+        return self._remote_ended
+
+    @property
+    def local_ended(self) -> bool:
+        """True once this side has sent END_STREAM."""
+        return self._local_ended
+
+    def wait_headers(self, timeout: Optional[float] = None) -> List[Header]:
+        """Block until the peer's header block has arrived and return it."""
+        conn = self.connection
+        with conn._lock:
+            conn._wait(self, lambda: self.headers is not None, timeout, "headers")
+            return self.headers  # type: ignore[return-value]
+
+    def read(self, size: int = -1, timeout: Optional[float] = None) -> bytes:
+        """Return up to ``size`` bytes of body as soon as any are there.
+
+        Returns ``b""`` at the end of the stream; ``size < 0`` returns whatever
+        is buffered (at least one byte unless the stream has ended).
+        """
+        conn = self.connection
+        with conn._lock:
+            conn._wait(self, lambda: bool(self._chunks) or self._remote_ended, timeout, "data")
+            if not self._chunks:
+                return b""
+            data = self._take(size)
+            conn._acknowledge(self.id, len(data))
+        conn._flush()
+        return data
+
+    def _take(self, size: int) -> bytes:
+        chunks = self._chunks
+        first = chunks[0]
+        if size < 0 or size >= self._buffered:
+            data = first if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+        elif size >= len(first):
+            parts = []
+            taken = 0
+            while chunks and taken + len(chunks[0]) <= size:
+                part = chunks.popleft()
+                parts.append(part)
+                taken += len(part)
+            if taken < size and chunks:
+                head = chunks[0]
+                parts.append(head[: size - taken])
+                chunks[0] = head[size - taken :]
+            data = b"".join(parts)
+        else:
+            data = first[:size]
+            chunks[0] = first[size:]
+        self._buffered -= len(data)
+        return data
+
+    # -- sending ---------------------------------------------------------
+
+    def send_headers(self, headers: Sequence[Header], end_stream: bool = False) -> None:
+        """Send a header block (a response, or trailers)."""
+        self.connection._send(self, headers, b"", end_stream, None)
+
+    def send_data(self, data: bytes, end_stream: bool = False, timeout: Optional[float] = None) -> None:
+        """Send ``data``, waiting for flow-control window as needed."""
+        self.connection._send(self, None, data, end_stream, timeout)
+
+    def send_response(
+        self, headers: Sequence[Header], data: bytes = b"", end_stream: bool = False, timeout: Optional[float] = None
+    ) -> None:
+        """Send headers and the first data in one go (one lock hold, one write when the window allows)."""
+        self.connection._send(self, headers, data, end_stream, timeout)
+
+    def end(self) -> None:
+        """End this side of the stream (an empty DATA frame with END_STREAM)."""
+        self.connection._send(self, None, b"", True, None)
+
+    def reset(self, error_code: int = ErrorCodes.CANCEL) -> None:
+        """Abort the stream with RST_STREAM; the connection carries on."""
+        self.connection._close_stream(self, error_code, force_reset=True)
+
+    def close(self, error_code: int = ErrorCodes.CANCEL) -> None:
+        """Release the stream: reset it unless both sides ended, return unread credit."""
+        self.connection._close_stream(self, error_code, force_reset=False)
+
+    @property
+    def request_sent(self) -> bool:
+        """False while provably nothing of this stream has reached the peer."""
+        first = self._first_byte_offset
+        return first is not None and self.connection._attempted_bytes > first
+
+
+class Connection:
+    """A blocking HTTP/2 connection over a socket, for the client or the server role.
+
+    ``on_ready(conn)`` runs (on the reader thread) once the peer's first
+    SETTINGS arrived; ``on_request(stream)`` (server role) for each new
+    request; ``on_close(conn, reason)`` exactly once when the connection is
+    gone. Callbacks must not block.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        client_side: bool,
+        settings: ConnectionSettings = ConnectionSettings(),
+        on_ready: Optional[Callable[[Connection], None]] = None,
+        on_request: Optional[Callable[[Stream], None]] = None,
+        on_close: Optional[Callable[[Connection, str], None]] = None,
+        name: str = "",
+    ) -> None:
+        self.sock = sock
+        self.client_side = client_side
+        self.settings = settings
+        self.name = name or _peer_name(sock)
+        self._on_ready = on_ready
+        self._on_request = on_request
+        self._on_close = on_close
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        self._h2 = h2.connection.H2Connection(config=config)
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._writer_wake = threading.Condition(self._lock)
+        self._capacity = threading.Condition(self._lock)
+        self._streams: Dict[int, Stream] = {}
+        self._outbox: List[bytes] = []
+        self._queued_bytes = 0
+        self._attempted_bytes = 0
+        self._error: Optional[ConnectionClosed] = None
+        self._ready = threading.Event()
+        self._closed = threading.Event()
+        self._draining = False
+        self._drain_acked = False
+        self._pending_drain_ack = False
+        self.close_reason: Optional[str] = None
+        self._reader: Optional[threading.Thread] = None
+        self._writer: Optional[threading.Thread] = None
+
+    # -- life cycle --------------------------------------------------------
+
+    def start(self) -> None:
+        """Send our preface and settings and start the reader and writer threads."""
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # Defensive: not a TCP socket (a socketpair in tests)
+            pass
+        s = self.settings
+        local = {
+            SettingCodes.INITIAL_WINDOW_SIZE: s.stream_window,
+            SettingCodes.MAX_FRAME_SIZE: s.max_frame_size,
+            SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
+        }
+        if self.client_side:
+            local[SettingCodes.ENABLE_PUSH] = 0
+        with self._lock:
+            self._h2.initiate_connection()
+            self._h2.update_settings(local)
+            self._h2.increment_flow_control_window(_MAX_WINDOW - _DEFAULT_WINDOW)
+            self._queue_output()
+        # Until the peer's SETTINGS arrive, a silent peer is a dead peer.
+        self.sock.settimeout(s.settings_timeout)
+        self._reader = threading.Thread(target=self._read_loop, name=f"ptth-reader {self.name}", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name=f"ptth-writer {self.name}", daemon=True)
+        self._writer.start()
+        self._reader.start()
+        self._writer_kick()
+
+    @property
+    def alive(self) -> bool:
+        """True until the connection has failed or been closed."""
+        return self._error is None
+
+    @property
+    def ready(self) -> bool:
+        """True once the peer's SETTINGS arrived and the connection is alive."""
+        return self._ready.is_set() and self._error is None
+
+    @property
+    def accepting_streams(self) -> bool:
+        """Client role: alive, ready, and the peer has not announced a drain."""
+        return self.ready and self._h2.remote_settings.max_concurrent_streams > 0
+
+    @property
+    def active_streams(self) -> int:
+        """Streams this side still tracks."""
+        return len(self._streams)
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """Block until the peer's SETTINGS arrived; False on timeout or death."""
+        self._ready.wait(timeout)
+        return self.ready
+
+    def wait_closed(self, timeout: Optional[float] = None) -> bool:
+        """Block until the connection is fully closed (reader finished)."""
+        return self._closed.wait(timeout)
+
+    def close(self, reason: str = "closed", error_code: int = ErrorCodes.NO_ERROR) -> None:
+        """Send GOAWAY, fail every stream still open and close the socket."""
+        with self._lock:
+            if self._error is not None:
+                return
+            try:
+                self._h2.close_connection(error_code=error_code)
+                self._queue_output()
+            except h2.exceptions.ProtocolError:
+                pass
+            self._fail(reason)
+        self._send_final_bytes()
+        _shutdown(self.sock)
+
+    def drain(self, timeout: Optional[float] = None) -> bool:
+        """Server role: refuse new streams, let open ones finish, then GOAWAY.
+
+        Announces ``SETTINGS_MAX_CONCURRENT_STREAMS = 0`` (stock h2 cannot keep
+        a connection usable after sending GOAWAY), waits until the peer has
+        acknowledged it and no stream is left, then closes. Returns True when
+        every stream finished before ``timeout``.
+        """
+        with self._lock:
+            if self._error is None and not self._draining:
+                self._draining = True
+                self._pending_drain_ack = True
+                self._h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+                self._queue_output()
+        self._flush()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        finished = True
+        with self._lock:
+            while self._error is None and (self._pending_drain_ack or self._streams):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    finished = False
+                    break
+                self._capacity.wait(remaining)
+        self.close("drained" if finished else "drain timed out")
+        return finished
+
+    # -- client role -------------------------------------------------------
+
+    def open_stream(
+        self, headers: Sequence[Header], end_stream: bool = False, timeout: Optional[float] = None
+    ) -> Stream:
+        """Client role: open a stream with a request header block.
+
+        Waits (up to ``timeout``) while the peer's concurrent-stream limit is
+        reached. Raises :class:`ConnectionClosed` with ``request_sent=False``
+        when the connection is dead, draining or out of stream IDs, so the
+        caller may use another connection.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                if self._error is not None:
+                    raise ConnectionClosed(self._error.reason, request_sent=False)
+                limit = self._h2.remote_settings.max_concurrent_streams
+                if limit == 0:
+                    msg = "tunnel is draining"
+                    raise ConnectionClosed(msg, request_sent=False)
+                if self._h2.open_outbound_streams < limit:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    msg = "no stream slot on the tunnel in time"
+                    raise StreamTimeout(msg)
+                self._capacity.wait(remaining)
+            try:
+                stream_id = self._h2.get_next_available_stream_id()
+            except h2.exceptions.NoAvailableStreamIDError:
+                msg = "stream IDs exhausted"
+                self._retire_locked(msg)
+                raise ConnectionClosed(msg, request_sent=False) from None
+            stream = Stream(self, stream_id)
+            stream._first_byte_offset = self._queued_bytes
+            try:
+                self._h2.send_headers(stream_id, headers, end_stream=end_stream)
+            except h2.exceptions.TooManyStreamsError:
+                msg = "tunnel is full"
+                raise ConnectionClosed(msg, request_sent=False) from None
+            stream._local_ended = end_stream
+            self._streams[stream_id] = stream
+            self._queue_output()
+        self._flush()
+        return stream
+
+    # -- internals: waiting ------------------------------------------------
+
+    def _wait(self, stream: Stream, ready: Callable[[], bool], timeout: Optional[float], what: str) -> None:
+        """Wait (lock held) until ``ready()``; raise the stream's or the connection's error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not ready():
+            self._raise_if_failed(stream)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                msg = f"timed out waiting for {what} on stream {stream.id}"
+                raise StreamTimeout(msg)
+            stream._cond.wait(remaining)
+
+    def _raise_if_failed(self, stream: Stream) -> None:
+        if stream._error is not None:
+            raise stream._error
+        if self._error is not None:
+            raise ConnectionClosed(self._error.reason, request_sent=stream.request_sent)
+
+    # -- internals: sending ------------------------------------------------
+
+    def _send(
+        self,
+        stream: Stream,
+        headers: Optional[Sequence[Header]],
+        data: bytes,
+        end_stream: bool,
+        timeout: Optional[float],
+    ) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        total = len(data)
+        pos = 0
+        view = memoryview(data) if total else None
+        h2conn = self._h2
+        sid = stream.id
+        while True:
+            with self._lock:
+                self._raise_if_failed(stream)
+                if stream._local_ended:
+                    msg = f"stream {sid} already ended"
+                    raise StreamReset(sid, ErrorCodes.STREAM_CLOSED, remote=False) from ValueError(msg)
+                try:
+                    if headers is not None:
+                        h2conn.send_headers(sid, headers, end_stream=end_stream and total == 0)
+                        headers = None
+                        if total == 0:
+                            stream._local_ended = end_stream
+                    elif total == 0 and end_stream:
+                        h2conn.end_stream(sid)
+                        stream._local_ended = True
+                    if pos < total:
+                        window = self._wait_window(stream, deadline)
+                        n = min(window, h2conn.max_outbound_frame_size, total - pos)
+                        last = pos + n == total
+                        chunk = data if n == total else view[pos : pos + n].tobytes()  # type: ignore[index]
+                        h2conn.send_data(sid, chunk, end_stream=end_stream and last)
+                        pos += n
+                        if last and end_stream:
+                            stream._local_ended = True
+                except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
+                    error = stream._error or StreamReset(sid, ErrorCodes.STREAM_CLOSED, remote=True)
+                    stream._error = error
+                    raise error from None
+                self._queue_output()
+            self._flush()
+            if pos >= total:
+                return
+
+    def _wait_window(self, stream: Stream, deadline: Optional[float]) -> int:
+        """Wait (lock held) for a positive send window on ``stream``."""
+        while True:
+            self._raise_if_failed(stream)
+            window = self._h2.local_flow_control_window(stream.id)
+            if window > 0:
+                return window
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                msg = f"timed out waiting for flow-control window on stream {stream.id}"
+                raise StreamTimeout(msg)
+            stream._cond.wait(remaining)
+
+    def _queue_output(self) -> None:
+        """Move h2's pending bytes to the outbox (lock held), keeping production order."""
+        data = self._h2.data_to_send()
+        if data:
+            self._outbox.append(data)
+            self._queued_bytes += len(data)
+
+    def _flush(self) -> None:
+        """Send everything queued so far (user threads and the writer only, never the reader)."""
+        with self._write_lock:
+            with self._lock:
+                if not self._outbox:
+                    return
+                outbox = self._outbox
+                data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+                self._outbox = []
+                self._attempted_bytes += len(data)
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                with self._lock:
+                    self._fail(f"write failed: {exc}")
+                _shutdown(self.sock)
+
+    def _writer_kick(self) -> None:
+        with self._lock:
+            self._writer_wake.notify()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._outbox and self._error is None:
+                    self._writer_wake.wait()
+                if self._error is not None:
+                    return
+            self._flush()
+
+    def _send_final_bytes(self) -> None:
+        """Best effort, bounded: send what is queued (a GOAWAY) before closing."""
+        if not self._write_lock.acquire(timeout=1.0):
+            return
+        try:
+            with self._lock:
+                data = b"".join(self._outbox)
+                self._outbox = []
+            if data:
+                self.sock.settimeout(1.0)
+                self.sock.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._write_lock.release()
+
+    # -- internals: receiving ----------------------------------------------
+
+    def _acknowledge(self, stream_id: int, size: int) -> None:
+        """Return ``size`` bytes of flow-control credit (lock held)."""
+        if size and self._error is None:
+            self._h2.acknowledge_received_data(size, stream_id)
+            self._queue_output()
+
+    def _read_loop(self) -> None:
+        reason = "connection closed"
+        try:
+            reason = self._receive_until_closed()
+        except Exception as exc:  # Defensive: a bug must not leave the tunnel half alive
+            log.exception("tunnel %s: unexpected error in the reader", self.name)
+            reason = f"internal error: {exc!r}"
+        finally:
+            with self._lock:
+                self._fail(reason)
+                reason = self._error.reason if self._error is not None else reason
+            self._send_final_bytes()
+            _shutdown(self.sock)
+            try:
+                self.sock.close()
+            except OSError:  # Defensive
+                pass
+            self.close_reason = reason
+            self._closed.set()
+            if self._on_close is not None:
+                try:
+                    self._on_close(self, reason)
+                except Exception:  # Defensive: a callback bug must not kill the reader silently
+                    log.exception("tunnel %s: on_close callback failed", self.name)
+
+    def _receive_until_closed(self) -> str:
+        sock = self.sock
+        recv_size = self.settings.recv_size
+        while True:
+            try:
+                data = sock.recv(recv_size)
+            except socket.timeout:
+                return "peer sent no HTTP/2 SETTINGS in time"
+            except OSError as exc:
+                if self._error is not None:
+                    return self._error.reason
+                return f"read failed: {exc}"
+            if not data:
+                if self._error is not None:
+                    return self._error.reason
+                return "peer closed the connection"
+            new_requests: List[Stream] = []
+            became_ready = False
+            with self._lock:
+                if self._error is not None:
+                    return self._error.reason
+                try:
+                    events = self._h2.receive_data(data)
+                except h2.exceptions.ProtocolError as exc:
+                    self._queue_output()  # the GOAWAY h2 prepared
+                    return f"protocol error from peer: {exc}"
+                ended = None
+                for event in events:
+                    ended = self._dispatch(event, new_requests)
+                    if isinstance(event, h2.events.RemoteSettingsChanged) and not self._ready.is_set():
+                        became_ready = True
+                    if ended is not None:
+                        break
+                self._queue_output()
+                if self._outbox:
+                    self._writer_wake.notify()
+                if ended is not None:
+                    return ended
+            if became_ready:
+                sock.settimeout(None)
+                self._ready.set()
+                if self._on_ready is not None:
+                    self._on_ready(self)
+            if self._on_request is not None:
+                for stream in new_requests:
+                    self._on_request(stream)
+
+    def _dispatch(self, event: h2.events.Event, new_requests: List[Stream]) -> Optional[str]:
+        """Apply one h2 event (lock held). Returns a reason when the connection ends."""
+        streams = self._streams
+        if isinstance(event, h2.events.DataReceived):
+            stream = streams.get(event.stream_id)
+            flow = event.flow_controlled_length
+            if stream is None:
+                self._h2.acknowledge_received_data(flow, event.stream_id)
+                return None
+            data = event.data
+            if flow > len(data):  # padding is credited at once
+                self._h2.acknowledge_received_data(flow - len(data), event.stream_id)
+            if data:
+                stream._chunks.append(data)
+                stream._buffered += len(data)
+                stream._cond.notify_all()
+        elif isinstance(event, (h2.events.RequestReceived, h2.events.ResponseReceived)):
+            stream = streams.get(event.stream_id)
+            if stream is None:
+                if not isinstance(event, h2.events.RequestReceived):
+                    return None
+                stream = Stream(self, event.stream_id)
+                streams[event.stream_id] = stream
+                new_requests.append(stream)
+            stream.headers = event.headers
+            stream._cond.notify_all()
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = streams.get(event.stream_id)
+            if stream is not None:
+                stream._remote_ended = True
+                stream._cond.notify_all()
+            self._capacity.notify_all()
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                self._notify_all_streams()
+            else:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._cond.notify_all()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._notify_all_streams()
+            self._capacity.notify_all()
+        elif isinstance(event, h2.events.StreamReset):
+            stream = streams.get(event.stream_id)
+            if stream is not None:
+                stream._error = StreamReset(event.stream_id, event.error_code, remote=True)
+                stream._cond.notify_all()
+            self._capacity.notify_all()
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = streams.get(event.stream_id)
+            if stream is not None:
+                stream.trailers = event.headers
+        elif isinstance(event, h2.events.SettingsAcknowledged):
+            if self._pending_drain_ack:
+                self._pending_drain_ack = False
+                self._capacity.notify_all()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            last = event.last_stream_id if event.last_stream_id is not None else 0
+            reason = f"peer sent GOAWAY ({_error_name(event.error_code)})"
+            for sid, stream in streams.items():
+                if stream._error is None:
+                    stream._error = ConnectionClosed(reason, request_sent=sid <= last)
+            return reason
+        return None
+
+    def _notify_all_streams(self) -> None:
+        for stream in self._streams.values():
+            stream._cond.notify_all()
+
+    # -- internals: teardown -----------------------------------------------
+
+    def _close_stream(self, stream: Stream, error_code: int, *, force_reset: bool) -> None:
+        with self._lock:
+            if stream._closed:
+                return
+            stream._closed = True
+            self._streams.pop(stream.id, None)
+            unread = stream._buffered
+            stream._chunks.clear()
+            stream._buffered = 0
+            if self._error is None:
+                finished = stream._local_ended and stream._remote_ended and stream._error is None
+                if force_reset or (not finished and not isinstance(stream._error, StreamReset)):
+                    try:
+                        self._h2.reset_stream(stream.id, error_code)
+                    except h2.exceptions.ProtocolError:
+                        pass  # already closed in h2's view
+                    if stream._error is None:
+                        stream._error = StreamReset(stream.id, error_code, remote=False)
+                if unread:
+                    self._h2.acknowledge_received_data(unread, stream.id)
+                self._queue_output()
+            stream._cond.notify_all()
+            self._capacity.notify_all()
+        self._flush()
+
+    def _fail(self, reason: str) -> None:
+        """Mark the connection dead and wake every waiter (lock held). First reason wins."""
+        if self._error is not None:
+            return
+        self._error = ConnectionClosed(reason)
+        self._notify_all_streams()
+        self._capacity.notify_all()
+        self._writer_wake.notify_all()
+
+    def _retire_locked(self, reason: str) -> None:
+        self._fail(reason)
+        _shutdown(self.sock)
+
+    def __repr__(self) -> str:
+        role = "client" if self.client_side else "server"
+        state = "alive" if self.alive else f"closed: {self._error.reason if self._error else ''}"
+        return f"<Connection {role} {self.name} {state} streams={len(self._streams)}>"
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(peer, tuple):
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peer) or "?"
+
+
+def _error_name(code: int) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"error code {code}"

@@ -1,0 +1,7 @@
+"""``python -m ptth_sync.router``."""
+
+import sys
+
+from .server import main
+
+sys.exit(main())

@@ -1,0 +1,324 @@
+"""The router: a WSGI application that proxies each request through a tunnel."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from h2.errors import ErrorCodes
+
+from ..addresses import Address, AddressLike, format_address, parse_address
+from ..connection import Connection, ConnectionSettings, Stream
+from ..errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout
+from ..headers import InvalidHeader, request_headers, response_headers, response_status
+from .pool import TunnelPool
+
+__all__ = ["Router"]
+
+log = logging.getLogger("ptth_sync.router")
+
+StartResponse = Callable[..., Any]
+
+#: Request bodies up to this size (with a known length) are read before the
+#: stream opens: they go out with the headers and can be retried elsewhere.
+SMALL_BODY = 64 * 1024
+#: Bytes read from ``wsgi.input`` at a time when streaming a request body.
+UPLOAD_CHUNK = 256 * 1024
+
+_NO_BODY_STATUSES = (204, 304)
+
+
+class TunnelBroken(PTTHError):
+    """The tunnel failed after the response started: the client connection must be aborted."""
+
+
+class Router:
+    """A WSGI application that forwards every request to a tunnel.
+
+    Backends connect to the address given to :meth:`listen_tunnels`; requests
+    are spread round-robin over the live tunnels. ``timeout`` bounds the wait
+    for the backend's response (504) and for each later piece of it;
+    ``tunnel_wait`` is how long a request may wait for a tunnel to appear
+    before it gets a 503.
+    """
+
+    def __init__(
+        self,
+        timeout: float = 30.0,
+        tunnel_wait: float = 0.0,
+        settings: ConnectionSettings = ConnectionSettings(),
+    ) -> None:
+        self.timeout = timeout
+        self.tunnel_wait = tunnel_wait
+        self.settings = settings
+        self.pool = TunnelPool()
+        self._listeners: List[socket.socket] = []
+        self._connections: Dict[int, Connection] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- tunnels --------------------------------------------------------------
+
+    @staticmethod
+    def bind_tunnels(addr: AddressLike, backlog: int = 1024) -> socket.socket:
+        """Bind and listen on ``addr`` without accepting yet (for pre-fork servers)."""
+        address = parse_address(addr)  # type: ignore[arg-type]
+        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(backlog)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def listen_tunnels(self, addr: AddressLike = "127.0.0.1:8887") -> Address:
+        """Accept tunnels on ``addr`` in the background; returns the address bound."""
+        sock = self.bind_tunnels(addr)
+        self.serve_tunnels(sock)
+        host, port = sock.getsockname()[:2]
+        return (host, port)
+
+    def serve_tunnels(self, sock: socket.socket) -> None:
+        """Accept tunnels on an already listening socket, in a background thread."""
+        with self._lock:
+            self._listeners.append(sock)
+        name = format_address(sock.getsockname()[:2])
+        thread = threading.Thread(target=self._accept_loop, args=(sock,), name=f"ptth-accept {name}", daemon=True)
+        thread.start()
+
+    def add_tunnel(self, sock: socket.socket) -> Connection:
+        """Start serving as the HTTP/2 client on a connected socket a backend dialled."""
+        connection = Connection(
+            sock,
+            client_side=True,
+            settings=self.settings,
+            on_ready=self._tunnel_ready,
+            on_close=self._tunnel_closed,
+        )
+        with self._lock:
+            if self._closed:
+                sock.close()
+                msg = "router is closed"
+                raise ConnectionClosed(msg, request_sent=False)
+            self._connections[id(connection)] = connection
+        connection.start()
+        return connection
+
+    def close(self) -> None:
+        """Stop accepting tunnels and close every tunnel."""
+        with self._lock:
+            self._closed = True
+            listeners, self._listeners = self._listeners, []
+            connections = list(self._connections.values())
+        for sock in listeners:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        for connection in connections:
+            connection.close("router closed")
+        for connection in connections:
+            connection.wait_closed(2.0)
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                if self._closed or listener.fileno() < 0:
+                    return
+                log.exception("accepting a tunnel failed")
+                continue
+            try:
+                self.add_tunnel(sock)
+            except ConnectionClosed:
+                return
+            except OSError as exc:  # Defensive: the peer left at once
+                log.warning("tunnel setup failed: %s", exc)
+
+    def _tunnel_ready(self, connection: Connection) -> None:
+        self.pool.add(connection)
+        log.info("Tunnel added: %s", connection.name)
+
+    def _tunnel_closed(self, connection: Connection, reason: str) -> None:
+        with self._lock:
+            self._connections.pop(id(connection), None)
+        if self.pool.remove(connection):
+            log.info("Tunnel removed: %s: %s", connection.name, reason)
+        else:
+            log.warning("Tunnel from %s closed before it was ready: %s", connection.name, reason)
+
+    # -- requests -------------------------------------------------------------
+
+    def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            headers = request_headers(environ)
+        except InvalidHeader as exc:
+            return _error(start_response, 400, "Bad Request", str(exc))
+        method = environ["REQUEST_METHOD"]
+        target = headers[3][1].decode("latin-1")
+        body = _RequestBody(environ)
+        tried: List[Connection] = []
+        while True:
+            tunnel = self.pool.choose(exclude=tried, wait=self.tunnel_wait if not tried else 0.0)
+            if tunnel is None:
+                if tried:
+                    return _error(start_response, 502, "Bad Gateway", "the tunnel failed before the response")
+                return _error(start_response, 503, "Service Unavailable", "no tunnel is connected")
+            try:
+                stream, response = self._exchange(tunnel, headers, body)
+            except StreamTimeout:
+                return _error(start_response, 504, "Gateway Timeout", "the backend did not answer in time")
+            except (ConnectionClosed, StreamReset) as exc:
+                if _retryable(exc) and body.replayable:
+                    log.info("%s %s: retrying on another tunnel (%s)", method, target, exc)
+                    tried.append(tunnel)
+                    continue
+                log.warning("%s %s: tunnel %s failed before the response: %s", method, target, tunnel.name, exc)
+                return _error(start_response, 502, "Bad Gateway", "the tunnel failed before the response")
+            break
+        try:
+            code, status = response_status(response)
+        except (InvalidHeader, ValueError):
+            stream.close()
+            body.finish()
+            return _error(start_response, 502, "Bad Gateway", "the backend sent an invalid response")
+        start_response(status, response_headers(response))
+        if method == "HEAD" or code in _NO_BODY_STATUSES:
+            stream.close()
+            body.finish()
+            return []
+        return _ResponseBody(stream, body, self.timeout)
+
+    def _exchange(
+        self, tunnel: Connection, headers: List[Tuple[bytes, bytes]], body: _RequestBody
+    ) -> Tuple[Stream, Any]:
+        """Open a stream, start sending the body and wait for the response headers."""
+        small = body.read_small()
+        stream = tunnel.open_stream(headers, end_stream=not body.present, timeout=self.timeout)
+        try:
+            if small is not None:
+                stream.send_data(small, end_stream=True, timeout=self.timeout)
+            elif body.present:
+                body.start_upload(stream, self.timeout)
+            return stream, stream.wait_headers(self.timeout)
+        except BaseException:
+            stream.close()
+            body.finish()
+            raise
+
+
+def _retryable(exc: Exception) -> bool:
+    """True when the request provably never reached an application."""
+    if isinstance(exc, ConnectionClosed):
+        return not exc.request_sent
+    return isinstance(exc, StreamReset) and exc.error_code == ErrorCodes.REFUSED_STREAM
+
+
+class _RequestBody:
+    """The client's request body: read up front when small, else streamed by an upload thread."""
+
+    def __init__(self, environ: Dict[str, Any]) -> None:
+        self._input = environ.get("wsgi.input")
+        length_text = environ.get("CONTENT_LENGTH") or ""
+        self.length = int(length_text) if length_text.isdigit() else None
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        self.present = bool(self.length) or (self.length is None and chunked)
+        self._small: Optional[bytes] = None
+        self._upload: Optional[threading.Thread] = None
+
+    @property
+    def replayable(self) -> bool:
+        """True while the body can be sent again (kept in memory, or not read at all)."""
+        return self._small is not None or self._upload is None
+
+    def read_small(self) -> Optional[bytes]:
+        """The whole body when it is known to be small, else None."""
+        if self._small is None and self.present and self.length is not None and self.length <= SMALL_BODY:
+            self._small = self._read_exactly(self.length)
+        return self._small
+
+    def _read_exactly(self, size: int) -> bytes:
+        parts = []
+        while size > 0:
+            data = self._input.read(size)
+            if not data:
+                break
+            parts.append(data)
+            size -= len(data)
+        return b"".join(parts)
+
+    def start_upload(self, stream: Stream, timeout: float) -> None:
+        self._upload = threading.Thread(target=self._pump, args=(stream, timeout), name="ptth-upload", daemon=True)
+        self._upload.start()
+
+    def _pump(self, stream: Stream, timeout: float) -> None:
+        try:
+            remaining = self.length
+            while remaining is None or remaining > 0:
+                size = UPLOAD_CHUNK if remaining is None else min(UPLOAD_CHUNK, remaining)
+                data = self._input.read(size)
+                if not data:
+                    break
+                if remaining is not None:
+                    remaining -= len(data)
+                stream.send_data(data, timeout=timeout)
+            if remaining:
+                log.info("client sent %d bytes less than its Content-Length", remaining)
+                stream.reset(ErrorCodes.CANCEL)
+                return
+            stream.end()
+        except (StreamReset, ConnectionClosed):
+            pass  # the backend stopped the upload or the tunnel died: the reader side reports it
+        except StreamTimeout:
+            stream.reset(ErrorCodes.CANCEL)
+        except Exception as exc:  # the client's side failed (disconnect, bad chunked encoding)
+            log.info("reading the request body failed: %s", exc)
+            stream.reset(ErrorCodes.CANCEL)
+
+    def finish(self, timeout: Optional[float] = None) -> None:
+        """Wait for the upload thread (its stream is closed or finished by now)."""
+        if self._upload is not None:
+            self._upload.join(timeout)
+
+
+class _ResponseBody:
+    """The WSGI iterable that streams the backend's response as it arrives."""
+
+    def __init__(self, stream: Stream, body: _RequestBody, timeout: float) -> None:
+        self._stream = stream
+        self._body = body
+        self._timeout = timeout
+
+    def __iter__(self) -> Iterator[bytes]:
+        stream = self._stream
+        while True:
+            try:
+                data = stream.read(-1, self._timeout)
+            except (ConnectionClosed, StreamReset, StreamTimeout) as exc:
+                log.warning("stream %d broke after the response started: %s", stream.id, exc)
+                msg = f"tunnel failed mid-response: {exc}"
+                raise TunnelBroken(msg) from None
+            if not data:
+                return
+            yield data
+
+    def close(self) -> None:
+        self._stream.close()
+        self._body.finish()
+
+
+def _error(start_response: StartResponse, code: int, phrase: str, detail: str) -> List[bytes]:
+    body = f"{code} {phrase}: {detail}\n".encode()
+    start_response(
+        f"{code} {phrase}",
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+    )
+    return [body]

@@ -1,0 +1,113 @@
+"""``python -m ptth_sync.router``: the router on an embedded gunicorn (gthread) server.
+
+The master process binds both listeners (so ``:0`` works and a restarted
+worker inherits them); the single worker process accepts tunnels and serves
+HTTP with gunicorn's threaded worker, which brings keep-alive, timeouts,
+HTTP/1.1 parsing and the access log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+from typing import Any, Dict, List, Optional
+
+from gunicorn.app.base import BaseApplication
+
+from ..addresses import format_address, parse_address
+from ..cli import configure_logging, positive_float, positive_int, reject_token
+from .app import Router
+
+log = logging.getLogger("ptth_sync.router")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ptth_sync.router",
+        description="Accept reverse HTTP/2 tunnels from backends and proxy public HTTP traffic through them.",
+    )
+    parser.add_argument("--tunnels", default="127.0.0.1:8887", metavar="HOST:PORT",
+                        help="where backends dial in (default: %(default)s)")
+    parser.add_argument("--http", default="127.0.0.1:8888", metavar="HOST:PORT",
+                        help="where HTTP clients connect (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=64, metavar="N",
+                        help="requests served at once (default: %(default)s)")
+    parser.add_argument("--timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for a backend's response: 504 after (default: %(default)s)")
+    parser.add_argument("--tunnel-wait", type=positive_float, default=0.0, metavar="SECONDS",
+                        help="how long a request waits for a tunnel to appear: 503 after (default: %(default)s)")
+    parser.add_argument("--graceful-timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
+    parser.add_argument("--token", default=None, help="shared secret backends must present (env PTTH_TOKEN)")
+    parser.add_argument("--access-logfile", default=None, metavar="FILE",
+                        help="write gunicorn's access log to FILE ('-' for stdout)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="(default: %(default)s)")
+    return parser
+
+
+class RouterServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn with one gthread worker serving a :class:`Router`."""
+
+    def __init__(self, router: Router, tunnel_listener: socket.socket, options: Dict[str, Any]) -> None:
+        self.router = router
+        self.tunnel_listener = tunnel_listener
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+        self.cfg.set("when_ready", self._when_ready)
+        self.cfg.set("post_worker_init", self._post_worker_init)
+        self.cfg.set("worker_exit", self._worker_exit)
+
+    def load(self) -> Router:
+        return self.router
+
+    @staticmethod
+    def _when_ready(server: Any) -> None:
+        for listener in server.LISTENERS:
+            address = listener.sock.getsockname()[:2]
+            log.info("Listening for HTTP traffic on http://%s", format_address(address))
+
+    def _post_worker_init(self, worker: Any) -> None:
+        # Threads do not survive fork: accept tunnels only in the worker.
+        self.router.serve_tunnels(self.tunnel_listener)
+
+    def _worker_exit(self, server: Any, worker: Any) -> None:
+        self.router.close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reject_token(parser, args.token)
+    configure_logging(args.log_level)
+    try:
+        http_address = parse_address(args.http)
+        tunnel_address = parse_address(args.tunnels)
+    except ValueError as exc:
+        parser.error(str(exc))
+    router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait)
+    try:
+        listener = Router.bind_tunnels(tunnel_address)
+    except OSError as exc:
+        log.error("Cannot listen for tunnels on %s: %s", format_address(tunnel_address), exc)
+        return 1
+    log.info("Listening for reverse tunnels on tcp://%s", format_address(listener.getsockname()[:2]))
+    options = {
+        "bind": [format_address(http_address)],
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": args.threads,
+        "graceful_timeout": int(args.graceful_timeout),
+        "control_socket_disable": True,
+        "loglevel": args.log_level,
+        "accesslog": args.access_logfile,
+        "proc_name": "ptth_sync.router",
+    }
+    RouterServer(router, listener, options).run()
+    return 0
+
