@@ -1,0 +1,36 @@
+"""In-process tunnels: a real Router and real Backends talking over loopback TCP."""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import pytest
+
+from ptth_sync import Backend, Router
+from tests.conftest import wait_until
+
+
+@pytest.fixture
+def router():
+    router = Router(timeout=10)
+    router.tunnel_address = router.listen_tunnels("127.0.0.1:0")
+    yield router
+    router.close()
+
+
+@pytest.fixture
+def start_backend(router):
+    """Start a Backend serving ``app`` with ``tunnels`` connections; waits until the router has them."""
+    backends: List[Backend] = []
+
+    def start(app: Callable, tunnels: int = 1, threads: int = 16, wait: bool = True) -> Backend:
+        before = len(router.pool)
+        backend = Backend(router.tunnel_address, app, threads=threads, tunnels=tunnels).start()
+        backends.append(backend)
+        if wait:
+            wait_until(lambda: len(router.pool) >= before + tunnels, what="tunnels in the router's pool")
+        return backend
+
+    yield start
+    for backend in backends:
+        backend.close()
