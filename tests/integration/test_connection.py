@@ -1,0 +1,261 @@
+"""The HTTP/2 engine over real loopback TCP: flow control, deadlock freedom, death, thread hygiene."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import List, Tuple
+
+import pytest
+
+from ptth_sync.connection import Connection, ConnectionSettings, Stream
+from ptth_sync.errors import ConnectionClosed
+from tests.conftest import wait_until
+
+MIB = 1024 * 1024
+REQUEST = [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"test")]
+
+
+def tcp_pair(buffer_size: int = 0) -> Tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair, optionally with small socket buffers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.socket()
+    if buffer_size:
+        for sock in (client, listener):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    return client, server
+
+
+def connection_pair(on_request, buffer_size: int = 0, server_settings=ConnectionSettings()):
+    client_sock, server_sock = tcp_pair(buffer_size)
+    server = Connection(server_sock, client_side=False, on_request=on_request, settings=server_settings, name="server")
+    client = Connection(client_sock, client_side=True, name="client")
+    server.start()
+    client.start()
+    assert client.wait_ready(5)
+    assert server.wait_ready(5)
+    return client, server
+
+
+def drain(stream: Stream, timeout: float = 30) -> int:
+    total = 0
+    while True:
+        data = stream.read(-1, timeout)
+        if not data:
+            return total
+        total += len(data)
+
+
+def test_upload_and_download_at_full_speed_on_one_tunnel_do_not_deadlock():
+    """64 MiB each way on one stream at once, windows far larger than the 64 KiB socket buffers."""
+    size = 64 * MIB
+    piece = b"u" * MIB
+    results = {}
+
+    def on_request(stream: Stream) -> None:
+        def download() -> None:
+            stream.send_headers([(b":status", b"200")])
+            for _ in range(size // MIB):
+                stream.send_data(piece)
+            stream.end()
+
+        def upload() -> None:
+            results["server received"] = drain(stream)
+
+        # on_request runs on the reader thread: hand the work over at once.
+        threading.Thread(target=download, daemon=True).start()
+        threading.Thread(target=upload, daemon=True).start()
+
+    client, server = connection_pair(on_request, buffer_size=64 * 1024)
+    try:
+        stream = client.open_stream(REQUEST)
+
+        def send_body() -> None:
+            for _ in range(size // MIB):
+                stream.send_data(piece)
+            stream.end()
+
+        sender = threading.Thread(target=send_body)
+        sender.start()
+        stream.wait_headers(60)
+        results["client received"] = drain(stream, 60)
+        sender.join(60)
+        assert not sender.is_alive()
+        stream.close()
+        wait_until(lambda: "server received" in results, 60, what="the server to finish reading")
+        assert results == {"client received": size, "server received": size}
+    finally:
+        client.close()
+        server.close()
+
+
+def test_slow_consumer_slows_the_producer():
+    """A receiver that does not read holds the sender at its stream window; reading releases it."""
+    settings = ConnectionSettings(stream_window=256 * 1024)
+    sent: List[int] = [0]
+    finished = threading.Event()
+
+    def on_request(stream: Stream) -> None:
+        def respond() -> None:
+            stream.send_headers([(b":status", b"200")])
+            for _ in range(64):
+                stream.send_data(b"d" * 65536)
+                sent[0] += 65536
+            stream.end()
+            finished.set()
+            stream.close()
+
+        threading.Thread(target=respond, daemon=True).start()
+
+    client_sock, server_sock = tcp_pair()
+    server = Connection(server_sock, client_side=False, on_request=on_request, name="server")
+    client = Connection(client_sock, client_side=True, settings=settings, name="client")
+    server.start()
+    client.start()
+    try:
+        assert client.wait_ready(5)
+        stream = client.open_stream(REQUEST, end_stream=True)
+        stream.wait_headers(5)
+        # The sender fills the receiver's window (256 KiB) and must stop there.
+        wait_until(lambda: stream._buffered >= 256 * 1024, what="the receive window to fill")
+        assert sent[0] <= 256 * 1024 + 65536
+        assert not finished.is_set()
+        assert drain(stream) + 256 * 1024 >= 64 * 65536 - stream._buffered
+        assert finished.wait(10)
+        stream.close()
+    finally:
+        client.close()
+        server.close()
+
+
+def test_every_waiting_thread_is_woken_when_the_connection_dies():
+    started = threading.Barrier(4)
+    errors: List[BaseException] = []
+
+    def on_request(stream: Stream) -> None:
+        pass  # never answers
+
+    client, server = connection_pair(on_request)
+    streams = [client.open_stream(REQUEST) for _ in range(3)]
+
+    def wait_headers(stream: Stream) -> None:
+        started.wait(5)
+        try:
+            stream.wait_headers()
+        except ConnectionClosed as exc:
+            errors.append(exc)
+
+    waiters = [threading.Thread(target=wait_headers, args=(s,)) for s in streams]
+    for waiter in waiters:
+        waiter.start()
+    started.wait(5)
+    server.sock.shutdown(socket.SHUT_RDWR)  # the backend's side dies abruptly
+    for waiter in waiters:
+        waiter.join(5)
+    assert [w.is_alive() for w in waiters] == [False] * 3
+    assert len(errors) == 3
+    assert client.wait_closed(5)
+    assert not client.alive
+    server.close()
+
+
+def test_a_new_stream_on_a_dead_connection_is_refused_as_never_sent():
+    client, server = connection_pair(lambda stream: None)
+    server.close()
+    assert client.wait_closed(5)
+    with pytest.raises(ConnectionClosed) as info:
+        client.open_stream(REQUEST)
+    assert info.value.request_sent is False
+
+
+def test_drain_refuses_new_streams_and_lets_open_ones_finish():
+    release = threading.Event()
+
+    def on_request(stream: Stream) -> None:
+        def respond() -> None:
+            release.wait(10)
+            stream.send_response([(b":status", b"200")], b"late", end_stream=True)
+            stream.close()
+
+        threading.Thread(target=respond, daemon=True).start()
+
+    client, server = connection_pair(on_request)
+    try:
+        in_flight = client.open_stream(REQUEST, end_stream=True)
+        wait_until(lambda: server.active_streams == 1, what="the server to see the stream")
+        drained: List[bool] = []
+        drainer = threading.Thread(target=lambda: drained.append(server.drain(10)))
+        drainer.start()
+        wait_until(lambda: not client.accepting_streams, what="the client to see the drain")
+        with pytest.raises(ConnectionClosed) as info:
+            client.open_stream(REQUEST, end_stream=True)
+        assert info.value.request_sent is False
+        release.set()
+        assert in_flight.wait_headers(5) == [(b":status", b"200")]
+        assert in_flight.read(-1, 5) == b"late"
+        drainer.join(10)
+        assert drained == [True]
+        assert client.wait_closed(5)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_thread_count_returns_to_baseline_after_100_tunnels():
+    def on_request(stream: Stream) -> None:
+        stream.send_response([(b":status", b"204")], end_stream=True)
+        stream.close()
+
+    baseline = threading.active_count()
+    for _ in range(100):
+        client, server = connection_pair(on_request)
+        stream = client.open_stream(REQUEST, end_stream=True)
+        assert stream.wait_headers(5) == [(b":status", b"204")]
+        stream.close()
+        client.close()
+        assert client.wait_closed(5)
+        assert server.wait_closed(5)
+    wait_until(lambda: threading.active_count() <= baseline, 10, what="threads to exit")
+
+
+def test_many_concurrent_streams_share_one_connection():
+    def on_request(stream: Stream) -> None:
+        def respond() -> None:
+            body = drain(stream)
+            stream.send_response([(b":status", b"200")], str(body).encode(), end_stream=True)
+            stream.close()
+
+        threading.Thread(target=respond, daemon=True).start()
+
+    client, server = connection_pair(on_request)
+    results: List[bytes] = []
+    lock = threading.Lock()
+
+    def one(size: int) -> None:
+        stream = client.open_stream(REQUEST)
+        stream.send_data(b"z" * size, end_stream=True)
+        stream.wait_headers(10)
+        data = stream.read(-1, 10)
+        stream.close()
+        with lock:
+            results.append(data)
+
+    try:
+        sizes = [i * 50_000 for i in range(1, 41)]
+        threads = [threading.Thread(target=one, args=(size,)) for size in sizes]
+        start = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(1.0, 30 - (time.monotonic() - start)))
+        assert sorted(int(r) for r in results) == sizes
+    finally:
+        client.close()
+        server.close()
