@@ -117,3 +117,19 @@ def endless(environ, start_response):
             time.sleep(0.01)
 
     return body()
+
+
+def multi(environ, start_response):
+    """Routes by path to the apps above; every response names the serving process."""
+    path = environ["PATH_INFO"]
+    routes = {"/foo": hello, "/pid": pid, "/sleep": sleepy, "/count": count, "/download": download,
+              "/endless": endless, "/echo": echo}
+    app = routes.get(path, hello)
+    if path == "/sleep":
+        environ["wsgi.errors"].write(f"sleeping in {os.getpid()}\n")
+        environ["wsgi.errors"].flush()
+
+    def start_with_pid(status, headers, exc_info=None):
+        return start_response(status, [*headers, ("X-Backend-Pid", str(os.getpid()))], exc_info)
+
+    return app(environ, start_with_pid)

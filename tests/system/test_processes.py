@@ -1,0 +1,142 @@
+"""The command lines as real processes: bounded memory, failures, restarts and signals."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Dict, List
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import wait_until
+
+MIB = 1024 * 1024
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def children(pid: int) -> List[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def connect(url: str, timeout: float = 30) -> http.client.HTTPConnection:
+    parts = urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+
+def get(url: str, path: str, timeout: float = 30) -> http.client.HTTPResponse:
+    conn = connect(url, timeout)
+    conn.request("GET", path)
+    return conn.getresponse()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_64_mib_each_way_keeps_router_and_backend_memory_bounded(router_process, backend_process):
+    router = router_process()
+    backend = backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    worker = wait_until(lambda: children(router.pid), what="the router's worker process")[0]
+    # Warm both processes up with a small exchange of each kind first.
+    assert get(router.url, "/download?mib=1").read() == bytes(range(256)) * 4096
+    conn = connect(router.url)
+    conn.request("POST", "/count", body=b"w" * MIB)
+    assert conn.getresponse().read() == str(MIB).encode()
+    baseline: Dict[int, int] = {pid: rss_kib(pid) for pid in (worker, backend.pid)}
+
+    piece = b"u" * MIB
+    conn.request("POST", "/count", body=(piece for _ in range(64)), headers={"Content-Length": str(64 * MIB)})
+    assert conn.getresponse().read() == str(64 * MIB).encode()
+
+    response = get(router.url, "/download?mib=64")
+    received = 0
+    while True:
+        chunk = response.read(MIB)
+        if not chunk:
+            break
+        received += len(chunk)
+    assert received == 64 * MIB
+
+    for pid, before in baseline.items():
+        growth_mib = (rss_kib(pid, "VmHWM") - before) / 1024
+        print(f"process {pid}: peak RSS grew {growth_mib:.1f} MiB for 64 MiB bodies")
+        assert growth_mib < 24, f"process {pid} grew {growth_mib:.1f} MiB for 64 MiB bodies"
+
+
+def test_backend_killed_mid_response_while_a_second_keeps_serving(router_process, backend_process):
+    router = router_process()
+    first = backend_process("tests.apps:multi", router.tunnel_address)
+    second = backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(2)
+    response = get(router.url, "/endless")
+    assert response.status == 200
+    victim = int(response.getheader("X-Backend-Pid"))
+    survivor = ({first.pid, second.pid} - {victim}).pop()
+    assert response.read(65536)
+    next(p for p in (first, second) if p.pid == victim).proc.kill()
+    # The client sees an aborted response, never a clean end.
+    with pytest.raises((http.client.IncompleteRead, ConnectionError, http.client.HTTPException)):
+        while response.read(65536):
+            pass
+    router.wait_for_line("Tunnel removed")
+    pids = {get(router.url, "/pid").read() for _ in range(20)}
+    assert pids == {str(survivor).encode()}
+
+
+def test_backend_reconnects_after_the_router_restarts(router_process, backend_process):
+    tunnels, http_port = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    router = router_process(tunnels=tunnels, http=http_port)
+    backend = backend_process("tests.apps:multi", tunnels)
+    router.wait_tunnels(1)
+    assert get(router.url, "/foo").read() == b"bar"
+    router.signal(signal.SIGTERM)
+    assert router.wait(15) == 0
+    backend.wait_for_line("Tunnel to .* lost")
+    restarted = router_process(tunnels=tunnels, http=http_port)
+    restarted.wait_tunnels(1, timeout=30)
+    assert get(restarted.url, "/foo").read() == b"bar"
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_the_backend_exits_0(router_process, backend_process):
+    router = router_process()
+    backend = backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    results: List[object] = []
+
+    def slow_request() -> None:
+        response = get(router.url, "/sleep?s=1")
+        results.append((response.status, response.read()))
+
+    client = threading.Thread(target=slow_request)
+    client.start()
+    backend.wait_for_line("sleeping in")
+    backend.signal(signal.SIGTERM)
+    client.join(15)
+    assert results == [(200, b"done")]
+    assert backend.wait(15) == 0
+    router.wait_for_line("Tunnel removed")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_router_and_backend_exit_0_on_signal(router_process, backend_process, signum):
+    router = router_process()
+    backend = backend_process("tests.apps:hello", router.tunnel_address)
+    router.wait_tunnels(1)
+    backend.signal(signum)
+    assert backend.wait(15) == 0
+    router.signal(signum)
+    assert router.wait(15) == 0
