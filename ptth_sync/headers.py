@@ -89,7 +89,9 @@ def request_headers(environ: Dict[str, Any]) -> List[Header]:
                 if name == "te" and value.strip().lower() == "trailers":
                     block.append((b"te", b"trailers"))
                 continue
-            if name in ("host", "x-forwarded-proto", "x-forwarded-host"):
+            # Host travels as :authority, the router sets its own X-Forwarded-Proto
+            # and -Host, and the router's server has already answered Expect.
+            if name in ("host", "x-forwarded-proto", "x-forwarded-host", "expect"):
                 continue
             if name == "x-forwarded-for":
                 forwarded_for = value

@@ -311,3 +311,46 @@ def test_wsgi_input_supports_readline_and_iteration(router, start_backend):
     body = b"one\ntwo\nthree"
     response = wsgi_request(router, "POST", "/", wsgi_input=io.BytesIO(body), headers={"Content-Length": "13"})
     assert json.loads(response.body) == ["one\n", ["two\n", "three"]]
+
+
+def test_tunnels_option_keeps_that_many_connections(router, start_backend):
+    backend = start_backend(apps.hello, tunnels=3)
+    assert len(router.pool) == 3
+    assert len(backend.connections) == 3
+
+
+def test_a_list_of_addresses_keeps_tunnels_to_each_router(router):
+    other = Router()
+    other_address = other.listen_tunnels("127.0.0.1:0")
+    backend = Backend([router.tunnel_address, other_address], apps.hello).start()
+    try:
+        wait_until(lambda: len(router.pool) == 1 and len(other.pool) == 1, what="a tunnel to each router")
+        assert wsgi_request(router, "GET", "/foo").body == b"bar"
+        assert wsgi_request(other, "GET", "/foo").body == b"bar"
+    finally:
+        backend.close()
+        other.close()
+
+
+def test_backend_stop_drains_requests_in_flight(router, start_backend):
+    backend = start_backend(apps.sleepy)
+    results: List[int] = []
+    client = threading.Thread(target=lambda: results.append(wsgi_request(router, "GET", "/?s=0.5").code))
+    client.start()
+    wait_until(lambda: any(c.active_streams for c in backend.connections), what="the request to arrive")
+    assert backend.stop(graceful_timeout=10) is True
+    client.join(10)
+    assert results == [200]
+    wait_until(lambda: len(router.pool) == 0, what="the drained tunnel to leave")
+
+
+def test_threads_return_to_baseline_after_many_backends_come_and_go(router, start_backend):
+    start_backend(apps.hello)  # the router's own threads exist from here on
+    baseline = threading.active_count()
+    for _ in range(20):
+        backend = Backend(router.tunnel_address, apps.hello, threads=4, tunnels=2).start()
+        wait_until(lambda: len(router.pool) == 3, what="two more tunnels")
+        assert wsgi_request(router, "GET", "/foo").body == b"bar"
+        backend.close()
+        wait_until(lambda: len(router.pool) == 1, what="the two tunnels to leave")
+    wait_until(lambda: threading.active_count() <= baseline, 10, what=f"threads back to {baseline}")
