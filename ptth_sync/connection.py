@@ -447,8 +447,7 @@ class Connection:
             with self._lock:
                 self._raise_if_failed(stream)
                 if stream._local_ended:
-                    msg = f"stream {sid} already ended"
-                    raise StreamReset(sid, ErrorCodes.STREAM_CLOSED, remote=False) from ValueError(msg)
+                    raise StreamReset(sid, ErrorCodes.STREAM_CLOSED, remote=False)
                 try:
                     if headers is not None:
                         h2conn.send_headers(sid, headers, end_stream=end_stream and total == 0)
@@ -534,6 +533,7 @@ class Connection:
             with self._lock:
                 data = b"".join(self._outbox)
                 self._outbox = []
+                self._attempted_bytes += len(data)
             if data:
                 self.sock.settimeout(1.0)
                 self.sock.sendall(data)
@@ -681,6 +681,8 @@ class Connection:
         elif isinstance(event, h2.events.ConnectionTerminated):
             last = event.last_stream_id if event.last_stream_id is not None else 0
             reason = f"peer sent GOAWAY ({_error_name(event.error_code)})"
+            if event.additional_data:
+                reason += f": {event.additional_data[:200].decode('latin-1')!r}"
             for sid, stream in streams.items():
                 if stream._error is None:
                     stream._error = ConnectionClosed(reason, request_sent=sid <= last)

@@ -37,6 +37,8 @@ HOP_BY_HOP = frozenset(
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-zA-Z]+$")
 _BAD_VALUE = re.compile(rb"[\r\n\x00]")
 
+_CLIENT_VALUES_TO_CHECK = frozenset({b":authority", b"x-forwarded-for", b"x-forwarded-host"})
+
 _ENVIRON_HEADER_KEYS = {"CONTENT_TYPE": b"content-type", "CONTENT_LENGTH": b"content-length"}
 
 
@@ -55,7 +57,10 @@ def request_target(environ: Dict[str, Any]) -> str:
             parts = urlsplit(raw)
             raw = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         return raw
-    path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/;=,:@!$&'()*+~")
+    # PEP 3333: PATH_INFO holds the request's bytes decoded as latin-1.
+    path = quote(
+        environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/;=,:@!$&'()*+~", encoding="latin-1"
+    )
     query = environ.get("QUERY_STRING")
     return (path or "/") + (f"?{query}" if query else "")
 
@@ -115,6 +120,12 @@ def request_headers(environ: Dict[str, Any]) -> List[Header]:
         block.append((b"x-forwarded-for", forwarded_for.encode("latin-1")))
     block.append((b"x-forwarded-proto", scheme.encode("latin-1")))
     block.append((b"x-forwarded-host", host.encode("latin-1")))
+    # Host and X-Forwarded-For skipped the check above; any other header the
+    # router adds is its own.
+    for name_bytes, value_bytes in block:
+        if name_bytes in _CLIENT_VALUES_TO_CHECK and _BAD_VALUE.search(value_bytes):
+            msg = f"invalid characters in request header {name_bytes.decode('latin-1')}"
+            raise InvalidHeader(msg)
     return block
 
 
@@ -255,7 +266,7 @@ def encode_response_headers(status: str, headers: Iterable[Tuple[str, str]]) -> 
     treat as a connection error. Hop-by-hop headers are dropped.
     """
     code_text = status.split(" ", 1)[0]
-    if len(code_text) != 3 or not code_text.isdigit():
+    if len(code_text) != 3 or not (code_text.isascii() and code_text.isdigit()):
         msg = f"invalid status line {status!r}"
         raise InvalidHeader(msg)
     code = int(code_text)
@@ -267,7 +278,10 @@ def encode_response_headers(status: str, headers: Iterable[Tuple[str, str]]) -> 
         if not isinstance(name, str) or not isinstance(value, str):
             msg = f"header names and values must be str: {name!r}: {value!r}"
             raise InvalidHeader(msg)
-        name_bytes = name.lower().encode("latin-1")
+        try:
+            name_bytes = name.lower().encode("latin-1")
+        except UnicodeEncodeError:
+            name_bytes = b""
         if not _TOKEN.match(name_bytes):
             msg = f"invalid header name {name!r}"
             raise InvalidHeader(msg)

@@ -126,6 +126,8 @@ class Backend:
             thread.start()
         for thread in drainers:
             thread.join()
+        with self._lock:
+            connections = list(self._connections.values())
         for connection in connections:
             connection.close("backend stopped")
         for dialer in self._dialers:
@@ -166,6 +168,9 @@ class Backend:
                 name=name,
             )
             with self._lock:
+                if self._stopping.is_set():  # stop() began while we were dialling
+                    sock.close()
+                    return
                 self._connections[id(connection)] = connection
             connection.start()
             if connection.wait_ready(self.settings.settings_timeout):

@@ -141,13 +141,15 @@ class _Response:
         self.remaining = None
         for name, value in block:
             if name == b"content-length":
-                try:
-                    self.remaining = int(value)
-                except ValueError:
+                if not value.isdigit():
                     msg = f"invalid Content-Length {value!r}"
-                    raise InvalidHeader(msg) from None
+                    raise InvalidHeader(msg)
+                self.remaining = int(value)
         if self.no_body:
-            block[:] = [(n, v) for n, v in block if n != b"content-length" or code != 204]
+            # HEAD and 304 may announce the length of the body they do not carry.
+            self.remaining = None
+            if code == 204:
+                block[:] = [(n, v) for n, v in block if n != b"content-length"]
         return self.write
 
     def write(self, data: bytes, end_stream: bool = False) -> None:

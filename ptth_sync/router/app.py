@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from h2.errors import ErrorCodes
@@ -135,6 +136,7 @@ class Router:
                 if self._closed or listener.fileno() < 0:
                     return
                 log.exception("accepting a tunnel failed")
+                time.sleep(0.1)  # out of file descriptors, say: do not spin
                 continue
             try:
                 self.add_tunnel(sock)

@@ -354,3 +354,9 @@ def test_threads_return_to_baseline_after_many_backends_come_and_go(router, star
         backend.close()
         wait_until(lambda: len(router.pool) == 1, what="the two tunnels to leave")
     wait_until(lambda: threading.active_count() <= baseline, 10, what=f"threads back to {baseline}")
+
+
+def test_backend_threads_are_advertised_as_max_concurrent_streams(router, start_backend):
+    start_backend(apps.hello, threads=5)
+    (tunnel,) = router.pool.tunnels()
+    assert tunnel._h2.remote_settings.max_concurrent_streams == 5

@@ -40,6 +40,15 @@ def get(url: str, path: str, timeout: float = 30) -> http.client.HTTPResponse:
     return conn.getresponse()
 
 
+def read_to_end(response: http.client.HTTPResponse) -> int:
+    total = 0
+    while True:
+        chunk = response.read(MIB)
+        if not chunk:
+            return total
+        total += len(chunk)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -62,14 +71,7 @@ def test_64_mib_each_way_keeps_router_and_backend_memory_bounded(router_process,
     conn.request("POST", "/count", body=(piece for _ in range(64)), headers={"Content-Length": str(64 * MIB)})
     assert conn.getresponse().read() == str(64 * MIB).encode()
 
-    response = get(router.url, "/download?mib=64")
-    received = 0
-    while True:
-        chunk = response.read(MIB)
-        if not chunk:
-            break
-        received += len(chunk)
-    assert received == 64 * MIB
+    assert read_to_end(get(router.url, "/download?mib=64")) == 64 * MIB
 
     for pid, before in baseline.items():
         growth_mib = (rss_kib(pid, "VmHWM") - before) / 1024
@@ -90,8 +92,7 @@ def test_backend_killed_mid_response_while_a_second_keeps_serving(router_process
     next(p for p in (first, second) if p.pid == victim).proc.kill()
     # The client sees an aborted response, never a clean end.
     with pytest.raises((http.client.IncompleteRead, ConnectionError, http.client.HTTPException)):
-        while response.read(65536):
-            pass
+        read_to_end(response)
     router.wait_for_line("Tunnel removed")
     pids = {get(router.url, "/pid").read() for _ in range(20)}
     assert pids == {str(survivor).encode()}
@@ -106,6 +107,7 @@ def test_backend_reconnects_after_the_router_restarts(router_process, backend_pr
     router.signal(signal.SIGTERM)
     assert router.wait(15) == 0
     backend.wait_for_line("Tunnel to .* lost")
+    backend.wait_for_line(r"Connecting to .* failed: .*; retrying in \d+\.\ds \(attempt 1\)")
     restarted = router_process(tunnels=tunnels, http=http_port)
     restarted.wait_tunnels(1, timeout=30)
     assert get(restarted.url, "/foo").read() == b"bar"
@@ -140,3 +142,11 @@ def test_router_and_backend_exit_0_on_signal(router_process, backend_process, si
     assert backend.wait(15) == 0
     router.signal(signum)
     assert router.wait(15) == 0
+
+
+def test_router_writes_gunicorn_access_log_when_asked(router_process, backend_process):
+    router = router_process("--access-logfile", "-")
+    backend_process("tests.apps:hello", router.tunnel_address)
+    router.wait_tunnels(1)
+    assert get(router.url, "/foo?x=1").read() == b"bar"
+    router.wait_for_line(r'"GET /foo\?x=1 HTTP/1.1" 200 3')
