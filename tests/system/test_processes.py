@@ -107,7 +107,7 @@ def test_backend_reconnects_after_the_router_restarts(router_process, backend_pr
     router.signal(signal.SIGTERM)
     assert router.wait(15) == 0
     backend.wait_for_line("Tunnel to .* lost")
-    backend.wait_for_line(r"Connecting to .* failed: .*; retrying in \d+\.\ds \(attempt 1\)")
+    backend.wait_for_line(r"Connecting to .* failed: .*; retrying in \d+\.\ds \(attempt \d+\)")
     restarted = router_process(tunnels=tunnels, http=http_port)
     restarted.wait_tunnels(1, timeout=30)
     assert get(restarted.url, "/foo").read() == b"bar"

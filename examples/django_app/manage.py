@@ -1,0 +1,20 @@
+#!/usr/bin/env python
+"""Django's command-line utility for the example project.
+
+    cd examples/django_app
+    python manage.py check
+"""
+
+import os
+import sys
+
+
+def main() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
+
+
+if __name__ == "__main__":
+    main()
