@@ -21,12 +21,14 @@ side's sender blocks in ``sendall`` while its reader waits for the lock.
 
 Write order. HPACK state makes wire order matter, so the bytes h2 produces are
 appended to ``self._outbox`` while the lock is still held (production order).
-Whoever flushes takes the whole outbox under the lock and sends it while
-holding ``self._write_lock``, which serialises flushes and so keeps the order.
-User threads flush their own output (no hand-off to another thread on the hot
-path); the reader never flushes and never waits for the write lock, it only
-wakes the writer thread. A blocked ``sendall`` therefore never stops the
-reader, which keeps draining the peer's data and window updates.
+Whoever holds ``self._write_lock`` takes the whole outbox under the lock and
+sends it, and keeps doing so until the outbox is empty; one sender at a time
+keeps the order. A user thread that finds another one sending leaves its bytes
+to it and goes on (no hand-off, no waiting on the hot path), unless the outbox
+is past its high-water mark: then it waits its turn, which bounds memory. The
+reader never sends and never waits for the write lock; it wakes the writer
+thread. A blocked ``sendall`` therefore never stops the reader, which keeps
+draining the peer's data and window updates.
 
 Flow control. A sender waits on its stream's condition until h2 reports a
 positive window; the reader notifies on ``WindowUpdated`` and
@@ -68,12 +70,16 @@ log = logging.getLogger("ptth_sync.connection")
 
 Header = Tuple[bytes, bytes]
 
-# h2 logs every received frame with ``repr(frame)``, and a DataFrame's repr
-# hex-encodes its whole payload before truncating it, even when the logger is
-# a no-op. That repr dominates the receive path; give DATA frames a cheap one.
-hyperframe.frame.DataFrame._body_repr = lambda self: f"<data len={len(self.data)}>"  # type: ignore[method-assign]
+# h2 logs every received frame with ``repr(frame)``, even when the logger is a
+# no-op, and the repr of a frame that carries a payload hex-encodes all of it
+# before truncating. That dominates the receive path; give those frames a
+# repr that only states the payload's length.
+for _frame_class in (hyperframe.frame.DataFrame, hyperframe.frame.HeadersFrame, hyperframe.frame.ContinuationFrame):
+    _frame_class._body_repr = lambda self: f"<payload len={len(self.data)}>"  # type: ignore[method-assign]
 
 _MAX_WINDOW = 2**31 - 1
+# Past this many queued bytes a DATA sender waits to write instead of queueing more.
+_OUTBOX_HIGH_WATER = 1024 * 1024
 _DEFAULT_WINDOW = 65535
 
 
@@ -241,7 +247,16 @@ class Connection:
         self._on_ready = on_ready
         self._on_request = on_request
         self._on_close = on_close
-        config = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        # Outbound checks are ours: both roles send header blocks they built
+        # themselves, lower-cased and without connection-specific headers
+        # (ptth_sync.headers), which saves h2 a second pass per request.
+        # Inbound checks stay on: the peer may be anything.
+        config = h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self._h2 = h2.connection.H2Connection(config=config)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -471,7 +486,7 @@ class Connection:
                     stream._error = error
                     raise error from None
                 self._queue_output()
-            self._flush()
+            self._flush(wait=self._outbox_full())
             if pos >= total:
                 return
 
@@ -495,22 +510,38 @@ class Connection:
             self._outbox.append(data)
             self._queued_bytes += len(data)
 
-    def _flush(self) -> None:
-        """Send everything queued so far (user threads and the writer only, never the reader)."""
-        with self._write_lock:
+    def _flush(self, wait: bool = False) -> None:
+        """Send what is queued, unless another thread is sending already: it sends ours too.
+
+        The thread holding the write lock keeps sending until the outbox is
+        empty, and gives the lock up while holding the state lock, so bytes
+        appended meanwhile are never stranded. With ``wait`` the caller waits
+        its turn instead: the writer thread does, and so do DATA senders once
+        the outbox is past its high-water mark, which bounds its memory.
+        """
+        if not self._write_lock.acquire(blocking=wait):
+            return
+        sock = self.sock
+        while True:
             with self._lock:
-                if not self._outbox:
-                    return
                 outbox = self._outbox
+                if not outbox or self._error is not None:
+                    self._write_lock.release()
+                    return
                 data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
                 self._outbox = []
                 self._attempted_bytes += len(data)
             try:
-                self.sock.sendall(data)
+                sock.sendall(data)
             except OSError as exc:
                 with self._lock:
                     self._fail(f"write failed: {exc}")
-                _shutdown(self.sock)
+                    self._write_lock.release()
+                _shutdown(sock)
+                return
+
+    def _outbox_full(self) -> bool:
+        return self._queued_bytes - self._attempted_bytes > _OUTBOX_HIGH_WATER
 
     def _writer_kick(self) -> None:
         with self._lock:
@@ -523,7 +554,7 @@ class Connection:
                     self._writer_wake.wait()
                 if self._error is not None:
                     return
-            self._flush()
+            self._flush(wait=True)
 
     def _send_final_bytes(self) -> None:
         """Best effort, bounded: send what is queued (a GOAWAY) before closing."""

@@ -16,6 +16,8 @@ from http import HTTPStatus
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import quote, unquote_to_bytes, urlsplit
 
+from hpack import NeverIndexedHeaderTuple
+
 Header = Tuple[bytes, bytes]
 
 __all__ = [
@@ -37,6 +39,7 @@ HOP_BY_HOP = frozenset(
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-zA-Z]+$")
 _BAD_VALUE = re.compile(rb"[\r\n\x00]")
 
+_NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
 _CLIENT_VALUES_TO_CHECK = frozenset({b":authority", b"x-forwarded-for", b"x-forwarded-host"})
 
 _ENVIRON_HEADER_KEYS = {"CONTENT_TYPE": b"content-type", "CONTENT_LENGTH": b"content-length"}
@@ -112,7 +115,10 @@ def request_headers(environ: Dict[str, Any]) -> List[Header]:
         if _BAD_VALUE.search(value_bytes):
             msg = f"invalid characters in request header {name_bytes.decode('latin-1')}"
             raise InvalidHeader(msg)
-        block.append((name_bytes, value_bytes))
+        if name_bytes in _NEVER_INDEXED or (name_bytes == b"cookie" and len(value_bytes) < 20):
+            block.append(NeverIndexedHeaderTuple(name_bytes, value_bytes))  # kept out of HPACK's table
+        else:
+            block.append((name_bytes, value_bytes))
     client = environ.get("REMOTE_ADDR")
     if client:
         forwarded_for = f"{forwarded_for}, {client}" if forwarded_for else client
