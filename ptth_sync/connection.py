@@ -51,8 +51,9 @@ import logging
 import socket
 import threading
 import time
+from _thread import allocate_lock as _allocate_lock
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import h2.config
 import h2.connection
@@ -81,6 +82,50 @@ _MAX_WINDOW = 2**31 - 1
 # Past this many queued bytes a DATA sender waits to write instead of queueing more.
 _OUTBOX_HIGH_WATER = 1024 * 1024
 _DEFAULT_WINDOW = 65535
+
+
+class _WaitQueue:
+    """Threads parked until another thread wakes them; a Condition without its lock.
+
+    A Condition must be notified while its lock is held, so a woken thread at
+    once blocks again on that lock until the notifier lets go: two sleeps and
+    two wake-ups per hand-off. Here the waker only *takes* the waiters while
+    holding the connection lock and releases them after letting go of it
+    (:meth:`Connection._release`), so a woken thread finds the lock free.
+    """
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: List[threading.Lock] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._waiters)
+
+    def wait(self, lock: threading.Lock, timeout: Optional[float]) -> None:
+        """Release ``lock`` (held), sleep until woken or ``timeout``, take ``lock`` again."""
+        waiter = _allocate_lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        lock.release()
+        try:
+            waiter.acquire(True, -1 if timeout is None else max(timeout, 0.0))
+        finally:
+            lock.acquire()
+            try:
+                self._waiters.remove(waiter)  # still listed only when it timed out
+            except ValueError:
+                pass
+
+    def take(self) -> List[threading.Lock]:
+        """Remove every waiter (lock held); release them to wake their threads."""
+        waiters, self._waiters = self._waiters, []
+        return waiters
+
+
+def _release(waiters: List[threading.Lock]) -> None:
+    for waiter in waiters:
+        waiter.release()
 
 
 @dataclass(frozen=True)
@@ -114,7 +159,7 @@ class Stream:
         #: Request headers (server role) or response headers (client role).
         self.headers: Optional[List[Header]] = None
         self.trailers: Optional[List[Header]] = None
-        self._cond = threading.Condition(connection._lock)
+        self._waiting = _WaitQueue()
         self._chunks: Deque[bytes] = collections.deque()
         self._buffered = 0
         self._remote_ended = False
@@ -260,8 +305,9 @@ class Connection:
         self._h2 = h2.connection.H2Connection(config=config)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._writer_wake = threading.Condition(self._lock)
-        self._capacity = threading.Condition(self._lock)
+        self._writer_waiting = _WaitQueue()
+        self._capacity_waiting = _WaitQueue()  # open_stream at the stream limit, drain
+        self._capacity_changed = False
         self._streams: Dict[int, Stream] = {}
         self._outbox: List[bytes] = []
         self._queued_bytes = 0
@@ -372,7 +418,7 @@ class Connection:
                 if remaining is not None and remaining <= 0:
                     finished = False
                     break
-                self._capacity.wait(remaining)
+                self._capacity_waiting.wait(self._lock, remaining)
         self.close("drained" if finished else "drain timed out")
         return finished
 
@@ -403,7 +449,7 @@ class Connection:
                 if remaining is not None and remaining <= 0:
                     msg = "no stream slot on the tunnel in time"
                     raise StreamTimeout(msg)
-                self._capacity.wait(remaining)
+                self._capacity_waiting.wait(self._lock, remaining)
             try:
                 stream_id = self._h2.get_next_available_stream_id()
             except h2.exceptions.NoAvailableStreamIDError:
@@ -434,7 +480,7 @@ class Connection:
             if remaining is not None and remaining <= 0:
                 msg = f"timed out waiting for {what} on stream {stream.id}"
                 raise StreamTimeout(msg)
-            stream._cond.wait(remaining)
+            stream._waiting.wait(self._lock, remaining)
 
     def _raise_if_failed(self, stream: Stream) -> None:
         if stream._error is not None:
@@ -501,7 +547,7 @@ class Connection:
             if remaining is not None and remaining <= 0:
                 msg = f"timed out waiting for flow-control window on stream {stream.id}"
                 raise StreamTimeout(msg)
-            stream._cond.wait(remaining)
+            stream._waiting.wait(self._lock, remaining)
 
     def _queue_output(self) -> None:
         """Move h2's pending bytes to the outbox (lock held), keeping production order."""
@@ -545,13 +591,14 @@ class Connection:
 
     def _writer_kick(self) -> None:
         with self._lock:
-            self._writer_wake.notify()
+            waiters = self._writer_waiting.take()
+        _release(waiters)
 
     def _write_loop(self) -> None:
         while True:
             with self._lock:
                 while not self._outbox and self._error is None:
-                    self._writer_wake.wait()
+                    self._writer_waiting.wait(self._lock, None)
                 if self._error is not None:
                     return
             self._flush(wait=True)
@@ -633,17 +680,27 @@ class Connection:
                     self._queue_output()  # the GOAWAY h2 prepared
                     return f"protocol error from peer: {exc}"
                 ended = None
+                wake: Set[Stream] = set()
                 for event in events:
-                    ended = self._dispatch(event, new_requests)
+                    ended = self._dispatch(event, new_requests, wake)
                     if isinstance(event, h2.events.RemoteSettingsChanged) and not self._ready.is_set():
                         became_ready = True
                     if ended is not None:
                         break
+                # Wake each stream once per batch, after the lock is released.
+                to_wake: List[threading.Lock] = []
+                for stream in wake:
+                    if stream._waiting:
+                        to_wake += stream._waiting.take()
+                if self._capacity_changed:
+                    self._capacity_changed = False
+                    to_wake += self._capacity_waiting.take()
                 self._queue_output()
                 if self._outbox:
-                    self._writer_wake.notify()
-                if ended is not None:
-                    return ended
+                    to_wake += self._writer_waiting.take()
+            _release(to_wake)
+            if ended is not None:
+                return ended
             if became_ready:
                 sock.settimeout(None)
                 self._ready.set()
@@ -653,8 +710,11 @@ class Connection:
                 for stream in new_requests:
                     self._on_request(stream)
 
-    def _dispatch(self, event: h2.events.Event, new_requests: List[Stream]) -> Optional[str]:
-        """Apply one h2 event (lock held). Returns a reason when the connection ends."""
+    def _dispatch(self, event: h2.events.Event, new_requests: List[Stream], wake: Set[Stream]) -> Optional[str]:
+        """Apply one h2 event (lock held), collecting the streams to wake in ``wake``.
+
+        Returns a reason when the connection ends.
+        """
         streams = self._streams
         if isinstance(event, h2.events.DataReceived):
             stream = streams.get(event.stream_id)
@@ -668,7 +728,7 @@ class Connection:
             if data:
                 stream._chunks.append(data)
                 stream._buffered += len(data)
-                stream._cond.notify_all()
+                wake.add(stream)
         elif isinstance(event, (h2.events.RequestReceived, h2.events.ResponseReceived)):
             stream = streams.get(event.stream_id)
             if stream is None:
@@ -678,29 +738,29 @@ class Connection:
                 streams[event.stream_id] = stream
                 new_requests.append(stream)
             stream.headers = event.headers
-            stream._cond.notify_all()
+            wake.add(stream)
         elif isinstance(event, h2.events.StreamEnded):
             stream = streams.get(event.stream_id)
             if stream is not None:
                 stream._remote_ended = True
-                stream._cond.notify_all()
-            self._capacity.notify_all()
+                wake.add(stream)
+            self._capacity_changed = True
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id == 0:
-                self._notify_all_streams()
+                wake.update(streams.values())
             else:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream._cond.notify_all()
+                    wake.add(stream)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            self._notify_all_streams()
-            self._capacity.notify_all()
+            wake.update(streams.values())
+            self._capacity_changed = True
         elif isinstance(event, h2.events.StreamReset):
             stream = streams.get(event.stream_id)
             if stream is not None:
                 stream._error = StreamReset(event.stream_id, event.error_code, remote=True)
-                stream._cond.notify_all()
-            self._capacity.notify_all()
+                wake.add(stream)
+            self._capacity_changed = True
         elif isinstance(event, h2.events.TrailersReceived):
             stream = streams.get(event.stream_id)
             if stream is not None:
@@ -708,7 +768,7 @@ class Connection:
         elif isinstance(event, h2.events.SettingsAcknowledged):
             if self._pending_drain_ack:
                 self._pending_drain_ack = False
-                self._capacity.notify_all()
+                self._capacity_changed = True
         elif isinstance(event, h2.events.ConnectionTerminated):
             last = event.last_stream_id if event.last_stream_id is not None else 0
             reason = f"peer sent GOAWAY ({_error_name(event.error_code)})"
@@ -720,9 +780,9 @@ class Connection:
             return reason
         return None
 
-    def _notify_all_streams(self) -> None:
+    def _wake_all_streams(self) -> None:
         for stream in self._streams.values():
-            stream._cond.notify_all()
+            _release(stream._waiting.take())
 
     # -- internals: teardown -----------------------------------------------
 
@@ -747,8 +807,8 @@ class Connection:
                 if unread:
                     self._h2.acknowledge_received_data(unread, stream.id)
                 self._queue_output()
-            stream._cond.notify_all()
-            self._capacity.notify_all()
+            to_wake = stream._waiting.take() + self._capacity_waiting.take()
+        _release(to_wake)
         self._flush()
 
     def _fail(self, reason: str) -> None:
@@ -756,9 +816,9 @@ class Connection:
         if self._error is not None:
             return
         self._error = ConnectionClosed(reason)
-        self._notify_all_streams()
-        self._capacity.notify_all()
-        self._writer_wake.notify_all()
+        self._wake_all_streams()
+        _release(self._capacity_waiting.take())
+        _release(self._writer_waiting.take())
 
     def _retire_locked(self, reason: str) -> None:
         self._fail(reason)

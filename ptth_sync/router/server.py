@@ -1,9 +1,10 @@
-"""``python -m ptth_sync.router``: the router on an embedded gunicorn (gthread) server.
+"""``python -m ptth_sync.router``: the router on an embedded gunicorn server.
 
 The master process binds both listeners (so ``:0`` works and a restarted
 worker inherits them); the single worker process accepts tunnels and serves
-HTTP with gunicorn's threaded worker, which brings keep-alive, timeouts,
-HTTP/1.1 parsing and the access log.
+HTTP with :class:`~ptth_sync.router.worker.RouterWorker`, a threaded gunicorn
+worker: gunicorn brings HTTP/1.1 parsing, keep-alive, timeouts, signals and
+the access log.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gunicorn.app.base import BaseApplication
 from ..addresses import format_address, parse_address
 from ..cli import configure_logging, positive_float, positive_int, reject_token
 from .app import Router
+from .worker import RouterWorker
 
 log = logging.getLogger("ptth_sync.router")
 
@@ -31,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where backends dial in (default: %(default)s)")
     parser.add_argument("--http", default="127.0.0.1:8888", metavar="HOST:PORT",
                         help="where HTTP clients connect (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int, default=64, metavar="N",
-                        help="requests served at once (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=1000, metavar="N",
+                        help="client connections served at once, each on a thread (default: %(default)s)")
+    parser.add_argument("--keep-alive", type=positive_float, default=5.0, metavar="SECONDS",
+                        help="how long an idle client connection is kept open (default: %(default)s)")
     parser.add_argument("--timeout", type=positive_float, default=30.0, metavar="SECONDS",
                         help="how long to wait for a backend's response: 504 after (default: %(default)s)")
     parser.add_argument("--tunnel-wait", type=positive_float, default=0.0, metavar="SECONDS",
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class RouterServer(BaseApplication):  # type: ignore[misc]
-    """gunicorn with one gthread worker serving a :class:`Router`."""
+    """gunicorn with one worker process serving a :class:`Router`."""
 
     def __init__(self, router: Router, tunnel_listener: socket.socket, options: Dict[str, Any]) -> None:
         self.router = router
@@ -100,8 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = {
         "bind": [format_address(http_address)],
         "workers": 1,
-        "worker_class": "gthread",
+        "worker_class": RouterWorker,
         "threads": args.threads,
+        "keepalive": max(int(args.keep_alive), 1),
         "graceful_timeout": int(args.graceful_timeout),
         "control_socket_disable": True,
         "loglevel": args.log_level,

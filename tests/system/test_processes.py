@@ -150,3 +150,38 @@ def test_router_writes_gunicorn_access_log_when_asked(router_process, backend_pr
     router.wait_tunnels(1)
     assert get(router.url, "/foo?x=1").read() == b"bar"
     router.wait_for_line(r'"GET /foo\?x=1 HTTP/1.1" 200 3')
+
+
+def test_router_keeps_client_connections_alive_across_requests(router_process, backend_process):
+    router = router_process()
+    backend_process("tests.apps:hello", router.tunnel_address)
+    router.wait_tunnels(1)
+    conn = connect(router.url)
+    for _ in range(5):
+        conn.request("GET", "/foo")
+        response = conn.getresponse()
+        assert response.read() == b"bar"
+        assert response.getheader("Connection", "keep-alive").lower() == "keep-alive"
+    port = conn.sock.getsockname()[1]
+    conn.request("GET", "/foo")
+    conn.getresponse().read()
+    assert conn.sock.getsockname()[1] == port  # still the same connection
+
+
+def test_sigterm_lets_the_router_finish_requests_in_flight_and_exit_0(router_process, backend_process):
+    router = router_process()
+    backend = backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    results: List[object] = []
+
+    def slow_request() -> None:
+        response = get(router.url, "/sleep?s=1")
+        results.append((response.status, response.read()))
+
+    client = threading.Thread(target=slow_request)
+    client.start()
+    backend.wait_for_line("sleeping in")
+    router.signal(signal.SIGTERM)
+    client.join(15)
+    assert results == [(200, b"done")]
+    assert router.wait(15) == 0

@@ -1,0 +1,252 @@
+"""The router's gunicorn worker: one thread per client connection.
+
+A proxied request spends most of its life waiting on a tunnel, so it wants a
+thread of its own, and every hand-off between threads costs the router CPU it
+is short of. gunicorn's ``gthread`` worker hands each keep-alive connection
+back to a poller thread after every request and out to a pool thread for the
+next one. This worker lets a thread own its connection: it parses requests
+with gunicorn's HTTP/1.1 parser, calls the application, writes the response
+with gunicorn's writer and waits on the same socket for the next request.
+Everything else is gunicorn's: the arbiter, signals, hooks, error pages, the
+access log, TLS wrapping, ``max_requests``.
+
+Settings, with their gunicorn meaning: ``threads`` is the number of client
+connections served at once (more wait in the listen backlog); ``keepalive``
+how long an idle connection is kept; ``timeout`` bounds each socket read or
+write of a request in progress; ``graceful_timeout`` how long requests in
+flight may take on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import select
+import socket
+import ssl
+import threading
+import time
+from datetime import datetime
+from typing import Any, Callable, Optional, Set
+
+from gunicorn import http, sock, util
+from gunicorn.http import wsgi
+from gunicorn.workers import base
+
+from .app import TunnelBroken
+
+__all__ = ["RouterWorker"]
+
+
+class _ElasticPool:
+    """Daemon threads started on demand up to ``limit``; idle ones end after a while."""
+
+    def __init__(self, limit: int, idle_timeout: float = 60.0) -> None:
+        self.limit = limit
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle > 0:
+                self._idle -= 1
+            elif self._threads < self.limit:
+                self._threads += 1
+                threading.Thread(target=self._run, args=(task,), name="ptth-http", daemon=True).start()
+                return
+        self._tasks.put(task)
+
+    def _run(self, task: Optional[Callable[[], None]]) -> None:
+        while True:
+            if task is not None:
+                task()
+                with self._lock:
+                    self._idle += 1
+            try:
+                task = self._tasks.get(timeout=self.idle_timeout)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # nobody claimed an idle thread: this one may go
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                task = None  # a task was promised to an idle thread: wait for it
+
+
+class RouterWorker(base.Worker):
+    """gunicorn worker serving each client connection on a thread of its own."""
+
+    def init_process(self) -> None:
+        self._pool = _ElasticPool(self.cfg.threads)
+        self._lock = threading.Lock()
+        self._closed = threading.Condition(self._lock)
+        self._connections = 0
+        self._idle: Set[socket.socket] = set()
+        super().init_process()
+
+    def run(self) -> None:
+        for listener in self.sockets:
+            listener.setblocking(False)
+        interval = min(1.0, self.timeout / 2 if self.timeout else 1.0)
+        while self.alive:
+            self.notify()
+            if not self.is_parent_alive():
+                break
+            with self._lock:
+                full = self._connections >= self.cfg.threads
+            watched = [self.PIPE[0]] if full else [*self.sockets, self.PIPE[0]]
+            try:
+                readable, _, _ = select.select(watched, [], [], interval)
+            except InterruptedError:
+                continue
+            for ready in readable:
+                if ready is self.PIPE[0]:
+                    self._drain_pipe()
+                else:
+                    self._accept(ready)
+        self._stop_gracefully()
+
+    def is_parent_alive(self) -> bool:
+        if self.ppid != os.getppid():
+            self.log.info("Parent changed, shutting down: %s", self)
+            return False
+        return True
+
+    def _drain_pipe(self) -> None:
+        try:
+            while os.read(self.PIPE[0], 4096):
+                pass
+        except OSError:  # the non-blocking pipe is empty
+            return
+
+    def _accept(self, listener: Any) -> None:
+        try:
+            client, addr = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        client.setblocking(True)
+        with self._lock:
+            self._connections += 1
+        self._pool.submit(lambda: self._serve(listener, client, addr))
+
+    def _stop_gracefully(self) -> None:
+        """Close idle keep-alive connections; give busy ones ``graceful_timeout`` to finish."""
+        for listener in self.sockets:
+            try:
+                listener.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        with self._lock:
+            while self._connections:
+                for client in self._idle:  # wakes its thread, which then ends
+                    _shutdown(client)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.log.warning("Graceful timeout: %d connections still busy", self._connections)
+                    return
+                self.notify()
+                self._closed.wait(min(remaining, 1.0))
+
+    # -- one connection --------------------------------------------------------
+
+    def _serve(self, listener: Any, client: socket.socket, addr: Any) -> None:
+        req = None
+        try:
+            if self.cfg.is_ssl:
+                client = sock.ssl_wrap_socket(client, self.cfg)
+            parser = http.get_parser(self.cfg, client, addr)
+            while self.alive:
+                self._set_idle(client, True)
+                client.settimeout(self.cfg.keepalive or self.cfg.timeout or None)
+                try:
+                    req = next(parser)
+                finally:
+                    self._set_idle(client, False)
+                client.settimeout(self.cfg.timeout or None)
+                if not self._handle_request(listener, req, client, addr):
+                    break
+        except (StopIteration, http.errors.NoMoreData, socket.timeout):
+            pass  # the client closed or idled out
+        except ssl.SSLError as exc:
+            if exc.args[0] != ssl.SSL_ERROR_EOF:
+                self.handle_error(req, client, addr, exc)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, None):
+                self.log.exception("Socket error processing request.")
+        except BaseException as exc:
+            self.handle_error(req, client, addr, exc)
+        finally:
+            util.close_graceful(client)
+            with self._lock:
+                self._connections -= 1
+                self._closed.notify_all()
+            try:  # a slot freed up: wake the main loop in case it stopped accepting
+                os.write(self.PIPE[1], b".")
+            except OSError:
+                pass
+
+    def _set_idle(self, client: socket.socket, idle: bool) -> None:
+        with self._lock:
+            if idle:
+                self._idle.add(client)
+            else:
+                self._idle.discard(client)
+
+    def _handle_request(self, listener: Any, req: Any, client: socket.socket, addr: Any) -> bool:
+        """Serve one request; True to keep the connection for another."""
+        environ: dict = {}
+        resp = None
+        try:
+            self.cfg.pre_request(self, req)
+            request_start = datetime.now()
+            resp, environ = wsgi.create(req, client, addr, listener.getsockname(), self.cfg)
+            environ["wsgi.multithread"] = True
+            self.nr += 1
+            if self.nr >= self.max_requests and self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            if not self.alive or not self.cfg.keepalive:
+                resp.force_close()
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                for item in respiter:
+                    resp.write(item)
+                resp.close()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - request_start)
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            return not resp.should_close()
+        except TunnelBroken as exc:
+            # The response had started: cut the connection so the client sees it incomplete.
+            self.log.warning("Aborted response to %s %s: %s", req.method, req.uri, exc)
+            _shutdown(client)
+            return False
+        except OSError:
+            raise
+        except (Exception, SystemExit):
+            if resp is not None and resp.headers_sent:
+                self.log.exception("Error handling request")
+                _shutdown(client)
+                return False
+            raise
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+
+
+def _shutdown(client: socket.socket) -> None:
+    try:
+        client.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
