@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import select
 import socket
 import threading
 import time
@@ -79,6 +80,7 @@ for _frame_class in (hyperframe.frame.DataFrame, hyperframe.frame.HeadersFrame, 
     _frame_class._body_repr = lambda self: f"<payload len={len(self.data)}>"  # type: ignore[method-assign]
 
 _MAX_WINDOW = 2**31 - 1
+_CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
 # Past this many queued bytes a DATA sender waits to write instead of queueing more.
 _OUTBOX_HIGH_WATER = 1024 * 1024
 _DEFAULT_WINDOW = 65535
@@ -144,6 +146,21 @@ class ConnectionSettings:
     recv_size: int = 256 * 1024
     #: Seconds the peer has to send its SETTINGS before we give up on it.
     settings_timeout: float = 10.0
+    #: After this many seconds without a byte from the peer, send a PING (0: never).
+    ping_interval: float = 15.0
+    #: Seconds a PING may go unanswered before the connection counts as dead.
+    ping_timeout: float = 10.0
+    #: PING and SETTINGS frames the peer may send per second; beyond that it is
+    #: flooding us and the connection is closed with GOAWAY(ENHANCE_YOUR_CALM).
+    max_control_frames_per_second: int = 500
+    #: RST_STREAM frames the peer may send per second (the "rapid reset" attack
+    #: opens and cancels streams as fast as it can); beyond that, the same.
+    max_resets_per_second: int = 2000
+    #: Bytes of a header block (HEADERS + CONTINUATION) buffered before END_HEADERS.
+    max_header_block: int = 256 * 1024
+    #: Bytes we may have queued for a peer that does not read them (PING and
+    #: SETTINGS acknowledgements, window updates) before giving up on it.
+    max_unsent_bytes: int = 64 * 1024 * 1024
 
 
 class Stream:
@@ -318,6 +335,11 @@ class Connection:
         self._draining = False
         self._drain_acked = False
         self._pending_drain_ack = False
+        self._started_at = time.monotonic()
+        self._last_received = self._started_at
+        self._ping_sent_at: Optional[float] = None
+        self._control_window_start = self._started_at
+        self._control_frames = self._resets = 0
         self.close_reason: Optional[str] = None
         self._reader: Optional[threading.Thread] = None
         self._writer: Optional[threading.Thread] = None
@@ -342,10 +364,14 @@ class Connection:
         with self._lock:
             self._h2.initiate_connection()
             self._h2.update_settings(local)
+            # h2 raises its inbound frame limit when the peer ACKs these settings,
+            # but sizes its frame buffer once per receive_data call: when the ACK
+            # and the peer's first large frame arrive in one read, that frame
+            # fails with FRAME_SIZE_ERROR and takes the connection down. Accept
+            # what we advertise from the start instead.
+            self._h2.max_inbound_frame_size = s.max_frame_size
             self._h2.increment_flow_control_window(_MAX_WINDOW - _DEFAULT_WINDOW)
             self._queue_output()
-        # Until the peer's SETTINGS arrive, a silent peer is a dead peer.
-        self.sock.settimeout(s.settings_timeout)
         self._reader = threading.Thread(target=self._read_loop, name=f"ptth-reader {self.name}", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name=f"ptth-writer {self.name}", daemon=True)
         self._writer.start()
@@ -366,6 +392,11 @@ class Connection:
     def accepting_streams(self) -> bool:
         """Client role: alive, ready, and the peer has not announced a drain."""
         return self.ready and self._h2.remote_settings.max_concurrent_streams > 0
+
+    @property
+    def peer_max_header_list_size(self) -> Optional[int]:
+        """The largest header block the peer accepts (RFC 9113 size: names + values + 32 each)."""
+        return self._h2.remote_settings.max_header_list_size
 
     @property
     def active_streams(self) -> int:
@@ -656,11 +687,18 @@ class Connection:
     def _receive_until_closed(self) -> str:
         sock = self.sock
         recv_size = self.settings.recv_size
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes already
+        self._last_received = time.monotonic()
         while True:
+            if not (pending is not None and pending()):
+                while not poller.poll(self._poll_timeout_ms()):
+                    reason = self._on_quiet()
+                    if reason is not None:
+                        return reason
             try:
                 data = sock.recv(recv_size)
-            except socket.timeout:
-                return "peer sent no HTTP/2 SETTINGS in time"
             except OSError as exc:
                 if self._error is not None:
                     return self._error.reason
@@ -669,6 +707,7 @@ class Connection:
                 if self._error is not None:
                     return self._error.reason
                 return "peer closed the connection"
+            self._last_received = time.monotonic()
             new_requests: List[Stream] = []
             became_ready = False
             with self._lock:
@@ -679,6 +718,10 @@ class Connection:
                 except h2.exceptions.ProtocolError as exc:
                     self._queue_output()  # the GOAWAY h2 prepared
                     return f"protocol error from peer: {exc}"
+                abuse = self._check_abuse(events)
+                if abuse is not None:
+                    self._goaway_locked(ErrorCodes.ENHANCE_YOUR_CALM, abuse)
+                    return abuse
                 ended = None
                 wake: Set[Stream] = set()
                 for event in events:
@@ -698,17 +741,84 @@ class Connection:
                 self._queue_output()
                 if self._outbox:
                     to_wake += self._writer_waiting.take()
+                    if self._queued_bytes - self._attempted_bytes > self.settings.max_unsent_bytes:
+                        ended = ended or "peer does not read what we send"
             _release(to_wake)
             if ended is not None:
                 return ended
             if became_ready:
-                sock.settimeout(None)
                 self._ready.set()
                 if self._on_ready is not None:
                     self._on_ready(self)
             if self._on_request is not None:
                 for stream in new_requests:
                     self._on_request(stream)
+
+    def _poll_timeout_ms(self) -> int:
+        """How long the reader may wait for bytes before a timer is due."""
+        s = self.settings
+        if not self._ready.is_set():
+            due = self._started_at + s.settings_timeout
+        elif self._ping_sent_at is not None:
+            due = self._ping_sent_at + s.ping_timeout
+        elif s.ping_interval > 0:
+            due = self._last_received + s.ping_interval
+        else:
+            return -1
+        return max(int((due - time.monotonic()) * 1000) + 1, 0)
+
+    def _on_quiet(self) -> Optional[str]:
+        """The peer said nothing for a while: PING it, or give up on it."""
+        s = self.settings
+        now = time.monotonic()
+        if not self._ready.is_set():
+            if now - self._started_at >= s.settings_timeout:
+                return f"peer sent no HTTP/2 SETTINGS within {s.settings_timeout:g}s"
+            return None
+        if self._ping_sent_at is not None:
+            if now - self._ping_sent_at >= s.ping_timeout:
+                return f"no answer to PING within {s.ping_timeout:g}s"
+            return None
+        if s.ping_interval > 0 and now - self._last_received >= s.ping_interval:
+            with self._lock:
+                if self._error is not None:
+                    return self._error.reason
+                self._ping_sent_at = now
+                self._h2.ping(b"ptthping")
+                self._queue_output()
+                waiters = self._writer_waiting.take()
+            _release(waiters)
+        return None
+
+    def _check_abuse(self, events: List[h2.events.Event]) -> Optional[str]:
+        """A reason to drop a peer that floods us with control frames or headers (lock held)."""
+        now = time.monotonic()
+        if now - self._control_window_start >= 1.0:
+            self._control_window_start = now
+            self._control_frames = self._resets = 0
+        for event in events:
+            if isinstance(event, _CONTROL_EVENTS):
+                self._control_frames += 1
+            elif isinstance(event, h2.events.StreamReset):
+                self._resets += 1
+        s = self.settings
+        if self._control_frames > s.max_control_frames_per_second:
+            return f"peer sent over {s.max_control_frames_per_second} PING/SETTINGS frames in a second"
+        if self._resets > s.max_resets_per_second:
+            return f"peer reset over {s.max_resets_per_second} streams in a second"
+        # h2 buffers HEADERS and up to 64 CONTINUATION frames of up to
+        # max_frame_size each before it decodes a block: bound that here.
+        buffered = getattr(self._h2.incoming_buffer, "_headers_buffer", ())
+        if buffered and sum(len(frame.data) for frame in buffered) > s.max_header_block:
+            return f"peer sent a header block over {s.max_header_block} bytes"
+        return None
+
+    def _goaway_locked(self, error_code: int, reason: str) -> None:
+        try:
+            self._h2.close_connection(error_code=error_code, additional_data=reason.encode()[:200])
+        except h2.exceptions.ProtocolError:
+            return
+        self._queue_output()
 
     def _dispatch(self, event: h2.events.Event, new_requests: List[Stream], wake: Set[Stream]) -> Optional[str]:
         """Apply one h2 event (lock held), collecting the streams to wake in ``wake``.
@@ -765,6 +875,8 @@ class Connection:
             stream = streams.get(event.stream_id)
             if stream is not None:
                 stream.trailers = event.headers
+        elif isinstance(event, h2.events.PingAckReceived):
+            self._ping_sent_at = None
         elif isinstance(event, h2.events.SettingsAcknowledged):
             if self._pending_drain_ack:
                 self._pending_drain_ack = False

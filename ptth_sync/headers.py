@@ -25,6 +25,7 @@ __all__ = [
     "InvalidHeader",
     "build_environ",
     "encode_response_headers",
+    "header_list_size",
     "request_headers",
     "response_headers",
     "response_status",
@@ -133,6 +134,11 @@ def request_headers(environ: Dict[str, Any]) -> List[Header]:
             msg = f"invalid characters in request header {name_bytes.decode('latin-1')}"
             raise InvalidHeader(msg)
     return block
+
+
+def header_list_size(headers: Sequence[Header]) -> int:
+    """A header block's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2)."""
+    return sum(len(name) + len(value) + 32 for name, value in headers)
 
 
 # -- router: HTTP/2 response -> WSGI -------------------------------------------

@@ -13,7 +13,7 @@ from h2.errors import ErrorCodes
 from ..addresses import Address, AddressLike, format_address, parse_address
 from ..connection import Connection, ConnectionSettings, Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout
-from ..headers import InvalidHeader, request_headers, response_headers, response_status
+from ..headers import InvalidHeader, header_list_size, request_headers, response_headers, response_status
 from .pool import TunnelPool
 
 __all__ = ["Router"]
@@ -174,6 +174,11 @@ class Router:
                 if tried:
                     return _error(start_response, 502, "Bad Gateway", "the tunnel failed before the response")
                 return _error(start_response, 503, "Service Unavailable", "no tunnel is connected")
+            limit = tunnel.peer_max_header_list_size
+            if limit is not None and header_list_size(headers) > limit:
+                # Sent anyway, the backend's h2 would fail the whole tunnel.
+                return _error(start_response, 431, "Request Header Fields Too Large",
+                              f"the request's headers exceed the backend's limit of {limit} bytes")
             try:
                 stream, response = self._exchange(tunnel, headers, body)
             except StreamTimeout:

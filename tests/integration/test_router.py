@@ -360,3 +360,12 @@ def test_backend_threads_are_advertised_as_max_concurrent_streams(router, start_
     start_backend(apps.hello, threads=5)
     (tunnel,) = router.pool.tunnels()
     assert tunnel._h2.remote_settings.max_concurrent_streams == 5
+
+
+def test_request_headers_over_the_backend_limit_get_431_and_the_tunnel_lives(router, start_backend):
+    start_backend(apps.hello)
+    (tunnel,) = router.pool.tunnels()
+    huge = {f"X-Big-{i}": "v" * 8000 for i in range(10)}  # 80 KB: over the 64 KiB the backend accepts
+    assert wsgi_request(router, "GET", "/foo", headers=huge).code == 431
+    assert wsgi_request(router, "GET", "/foo").body == b"bar"
+    assert router.pool.tunnels() == [tunnel]
