@@ -18,6 +18,7 @@ from gunicorn.app.base import BaseApplication
 
 from ..addresses import format_address, parse_address
 from ..cli import configure_logging, positive_float, positive_int, reject_token
+from ..connection import ConnectionSettings
 from .app import Router
 from .worker import RouterWorker
 
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a request waits for a tunnel to appear: 503 after (default: %(default)s)")
     parser.add_argument("--graceful-timeout", type=positive_float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
+    parser.add_argument("--ping-interval", type=positive_float, default=15.0, metavar="SECONDS",
+                        help="PING a tunnel after this long without traffic; 0 never (default: %(default)s)")
+    parser.add_argument("--ping-timeout", type=positive_float, default=10.0, metavar="SECONDS",
+                        help="drop a tunnel whose PING goes unanswered this long (default: %(default)s)")
     parser.add_argument("--token", default=None, help="shared secret backends must present (env PTTH_TOKEN)")
     parser.add_argument("--access-logfile", default=None, metavar="FILE",
                         help="write gunicorn's access log to FILE ('-' for stdout)")
@@ -94,7 +99,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         tunnel_address = parse_address(args.tunnels)
     except ValueError as exc:
         parser.error(str(exc))
-    router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait)
+    settings = ConnectionSettings(ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
+    router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait, settings=settings)
     try:
         listener = Router.bind_tunnels(tunnel_address)
     except OSError as exc:

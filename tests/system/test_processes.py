@@ -185,3 +185,18 @@ def test_sigterm_lets_the_router_finish_requests_in_flight_and_exit_0(router_pro
     client.join(15)
     assert results == [(200, b"done")]
     assert router.wait(15) == 0
+
+
+def test_a_frozen_backend_is_dropped_after_an_unanswered_ping(router_process, backend_process):
+    router = router_process("--ping-interval", "0.5", "--ping-timeout", "1")
+    frozen = backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    healthy = backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(2)
+    frozen.signal(signal.SIGSTOP)
+    try:
+        router.wait_for_line(r"Tunnel removed: .*no answer to PING within 1s", timeout=10)
+        pids = {get(router.url, "/pid", timeout=10).read() for _ in range(10)}
+        assert pids == {str(healthy.pid).encode()}
+    finally:
+        frozen.signal(signal.SIGCONT)
