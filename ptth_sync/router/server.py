@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a request waits for a tunnel to appear: 503 after (default: %(default)s)")
     parser.add_argument("--graceful-timeout", type=positive_float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
+    parser.add_argument("--header-timeout", type=positive_float, default=10.0, metavar="SECONDS",
+                        help="how long a client may take to send a request's line and headers (default: %(default)s)")
     parser.add_argument("--ping-interval", type=positive_float, default=15.0, metavar="SECONDS",
                         help="PING a tunnel after this long without traffic; 0 never (default: %(default)s)")
     parser.add_argument("--ping-timeout", type=positive_float, default=10.0, metavar="SECONDS",
@@ -110,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = {
         "bind": [format_address(http_address)],
         "workers": 1,
-        "worker_class": RouterWorker,
+        "worker_class": type("RouterWorker", (RouterWorker,), {"header_timeout": args.header_timeout}),
         "threads": args.threads,
         "keepalive": max(int(args.keep_alive), 1),
         "graceful_timeout": int(args.graceful_timeout),

@@ -14,7 +14,9 @@ Settings, with their gunicorn meaning: ``threads`` is the number of client
 connections served at once (more wait in the listen backlog); ``keepalive``
 how long an idle connection is kept; ``timeout`` bounds each socket read or
 write of a request in progress; ``graceful_timeout`` how long requests in
-flight may take on SIGTERM.
+flight may take on SIGTERM. One more, :attr:`RouterWorker.header_timeout`,
+bounds the whole request head: a client that trickles it ("slowloris") loses
+its connection instead of pinning a thread.
 """
 
 from __future__ import annotations
@@ -77,8 +79,47 @@ class _ElasticPool:
                 task = None  # a task was promised to an idle thread: wait for it
 
 
+class _ClientSocket:
+    """The client socket as gunicorn's parser sees it: reads of a request head share one deadline."""
+
+    __slots__ = ("_deadline", "_io_timeout", "_sock")
+
+    def __init__(self, sock: socket.socket, io_timeout: Optional[float]) -> None:
+        self._sock = sock
+        self._io_timeout = io_timeout
+        self._deadline: Optional[float] = None
+        sock.settimeout(io_timeout)
+
+    def expect_head(self, seconds: float) -> None:
+        self._deadline = time.monotonic() + seconds
+
+    @property
+    def in_head(self) -> bool:
+        """True while a request head is being read."""
+        return self._deadline is not None
+
+    def head_done(self) -> None:
+        self._deadline = None
+        self._sock.settimeout(self._io_timeout)
+
+    def recv(self, size: int) -> bytes:
+        if self._deadline is not None:
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                msg = "timed out"
+                raise socket.timeout(msg)
+            self._sock.settimeout(remaining)
+        return self._sock.recv(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class RouterWorker(base.Worker):
     """gunicorn worker serving each client connection on a thread of its own."""
+
+    #: Seconds a client has to send a whole request head (line and headers).
+    header_timeout: float = 10.0
 
     def init_process(self) -> None:
         self._pool = _ElasticPool(self.cfg.threads)
@@ -156,24 +197,30 @@ class RouterWorker(base.Worker):
 
     # -- one connection --------------------------------------------------------
 
-    def _serve(self, listener: Any, client: socket.socket, addr: Any) -> None:
+    def _serve(self, listener: Any, raw: socket.socket, addr: Any) -> None:
         req = None
+        client = raw
         try:
             if self.cfg.is_ssl:
-                client = sock.ssl_wrap_socket(client, self.cfg)
+                raw = client = sock.ssl_wrap_socket(raw, self.cfg)
+            client = _ClientSocket(raw, self.cfg.timeout or None)
             parser = http.get_parser(self.cfg, client, addr)
+            first = True
             while self.alive:
-                self._set_idle(client, True)
-                client.settimeout(self.cfg.keepalive or self.cfg.timeout or None)
-                try:
-                    req = next(parser)
-                finally:
-                    self._set_idle(client, False)
-                client.settimeout(self.cfg.timeout or None)
+                if not first and not self._wait_for_next_request(raw, parser):
+                    break
+                first = False
+                client.expect_head(self.header_timeout)
+                req = next(parser)
+                client.head_done()
                 if not self._handle_request(listener, req, client, addr):
                     break
-        except (StopIteration, http.errors.NoMoreData, socket.timeout):
-            pass  # the client closed or idled out
+        except socket.timeout:
+            if isinstance(client, _ClientSocket) and client.in_head:
+                self.log.info("Closing connection from %s: request head not received within %gs",
+                              addr[0] if addr else "?", self.header_timeout)
+        except (StopIteration, http.errors.NoMoreData):
+            pass  # the client closed
         except ssl.SSLError as exc:
             if exc.args[0] != ssl.SSL_ERROR_EOF:
                 self.handle_error(req, client, addr, exc)
@@ -183,7 +230,7 @@ class RouterWorker(base.Worker):
         except BaseException as exc:
             self.handle_error(req, client, addr, exc)
         finally:
-            util.close_graceful(client)
+            util.close_graceful(raw)
             with self._lock:
                 self._connections -= 1
                 self._closed.notify_all()
@@ -191,6 +238,23 @@ class RouterWorker(base.Worker):
                 os.write(self.PIPE[1], b".")
             except OSError:
                 pass
+
+    def _wait_for_next_request(self, raw: socket.socket, parser: Any) -> bool:
+        """Wait up to ``keepalive`` seconds for the next request; False to close the connection."""
+        buffered = parser.unreader.buf
+        buffered.seek(0, os.SEEK_END)
+        if buffered.tell() or (isinstance(raw, ssl.SSLSocket) and raw.pending()):
+            return True  # pipelined: already here
+        if not self.cfg.keepalive:
+            return False
+        poller = select.poll()  # not select(): descriptors may exceed 1024 here
+        poller.register(raw, select.POLLIN)
+        self._set_idle(raw, True)
+        try:
+            readable = poller.poll(self.cfg.keepalive * 1000)
+        finally:
+            self._set_idle(raw, False)
+        return bool(readable) and self.alive
 
     def _set_idle(self, client: socket.socket, idle: bool) -> None:
         with self._lock:

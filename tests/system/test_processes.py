@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import http.client
+import select
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Dict, List
 from urllib.parse import urlsplit
@@ -200,3 +202,23 @@ def test_a_frozen_backend_is_dropped_after_an_unanswered_ping(router_process, ba
         assert pids == {str(healthy.pid).encode()}
     finally:
         frozen.signal(signal.SIGCONT)
+
+
+def test_a_client_trickling_its_request_head_is_disconnected(router_process, backend_process):
+    router = router_process("--header-timeout", "1")
+    backend_process("tests.apps:hello", router.tunnel_address)
+    router.wait_tunnels(1)
+    with socket.create_connection((router.http_host, router.http_port), timeout=10) as slow:
+        slow.sendall(b"GET /foo HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        closed = False
+        for _ in range(20):  # a header line every 0.3 s: the head is never complete
+            readable, _, _ = select.select([slow], [], [], 0.3)
+            if readable:
+                closed = slow.recv(1024) == b""
+                break
+            slow.sendall(b"X-Slow: 1\r\n")
+        assert closed
+        assert time.monotonic() - started < 4
+    router.wait_for_line(r"Closing connection from 127\.0\.0\.1: request head not received within 1s")
+    assert get(router.url, "/foo").read() == b"bar"
