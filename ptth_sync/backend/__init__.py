@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ..addresses import Address, AddressLike, format_address, parse_addresses
 from ..connection import Connection, ConnectionSettings, Stream
@@ -32,6 +32,11 @@ class Backend:
 
     A lost or refused connection is redialled forever with capped exponential
     backoff and jitter, each attempt logged.
+
+    ``request_handler(stream)``, when given, runs each request on a pool
+    thread instead of ``handle_request(stream, app)``: a server embedding the
+    backend (the gunicorn worker) wraps the WSGI bridge with its own request
+    counting, hooks and access log.
     """
 
     #: First and largest delay between two dials of one tunnel, in seconds.
@@ -50,6 +55,7 @@ class Backend:
         token: Optional[str] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
         connect_timeout: float = 10.0,
+        request_handler: Optional[Callable[[Stream], object]] = None,
     ) -> None:
         if token is not None:
             msg = "the token handshake is not available in this version"
@@ -63,6 +69,7 @@ class Backend:
         self.tunnels = tunnels
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
+        self.request_handler = request_handler or self._handle_request
         self.settings = ConnectionSettings(max_concurrent_streams=threads)
         self._pool = ThreadPool(threads)
         self._stopping = threading.Event()
@@ -205,7 +212,10 @@ class Backend:
 
     def _on_request(self, stream: Stream) -> None:
         # Runs on the reader thread: hand over, never block.
-        self._pool.submit(handle_request, stream, self.app, None)
+        self._pool.submit(self.request_handler, stream)
+
+    def _handle_request(self, stream: Stream) -> None:
+        handle_request(stream, self.app, None)
 
 
 def serve_wsgi(

@@ -113,14 +113,21 @@ class StreamInput:
 
 
 class _Response:
-    """State of one WSGI response: what ``start_response`` set and what was sent."""
+    """State of one WSGI response: what ``start_response`` set and what was sent.
 
-    __slots__ = ("block", "code", "headers_sent", "no_body", "remaining", "stream")
+    ``status``, ``headers`` and ``sent`` (body bytes sent) carry the names
+    gunicorn's access log and ``post_request`` hooks read on a response.
+    """
+
+    __slots__ = ("block", "code", "headers", "headers_sent", "no_body", "remaining", "sent", "status", "stream")
 
     def __init__(self, stream: Stream, method: str) -> None:
         self.stream = stream
         self.block: Optional[List[Tuple[bytes, bytes]]] = None
         self.code = 0
+        self.status: Optional[str] = None
+        self.headers: List[Tuple[str, str]] = []
+        self.sent = 0
         self.headers_sent = False
         self.no_body = method == "HEAD"
         self.remaining: Optional[int] = None  # declared Content-Length still to send
@@ -137,6 +144,7 @@ class _Response:
             raise AssertionError(msg)
         code, block = encode_response_headers(status, headers)
         self.code, self.block = code, block
+        self.status, self.headers = status, list(headers)
         self.no_body = self.no_body or code in (204, 304)
         self.remaining = None
         for name, value in block:
@@ -173,6 +181,7 @@ class _Response:
             self.stream.send_response(self.block, bytes(data), end_stream=end_stream)  # type: ignore[arg-type]
         elif data or end_stream:
             self.stream.send_data(bytes(data), end_stream=end_stream)
+        self.sent += len(data)
 
     def finish(self) -> None:
         if self.remaining:
@@ -187,8 +196,12 @@ class _Response:
         self.write(b"", end_stream=True)
 
 
-def handle_request(stream: Stream, app: WSGIApp, peer: Optional[Tuple[str, int]] = None) -> None:
-    """Run ``app`` for the request on ``stream`` and send its response."""
+def handle_request(stream: Stream, app: WSGIApp, peer: Optional[Tuple[str, int]] = None) -> _Response:
+    """Run ``app`` for the request on ``stream`` and send its response.
+
+    Never raises for what the application or the peer did. Returns the
+    response state (``status``, ``headers``, ``sent``) for an access log.
+    """
     headers = stream.headers or []
     environ = build_environ(headers, wsgi_input=StreamInput(stream), errors=sys.stderr, peer=peer)
     response = _Response(stream, environ["REQUEST_METHOD"])
@@ -204,6 +217,7 @@ def handle_request(stream: Stream, app: WSGIApp, peer: Optional[Tuple[str, int]]
         # tells the router to stop uploading (RFC 9113 §8.1); anything else
         # unfinished is an internal error.
         stream.close(ErrorCodes.NO_ERROR if stream.local_ended else ErrorCodes.INTERNAL_ERROR)
+    return response
 
 
 def _run_app(app: WSGIApp, environ: dict, response: _Response) -> None:
@@ -234,6 +248,9 @@ def _answer_error(response: _Response) -> None:
             stream.reset(ErrorCodes.INTERNAL_ERROR)
         else:
             response.headers_sent = True
+            response.code, response.status = 500, "500 Internal Server Error"
+            response.headers = [(name.decode(), value.decode()) for name, value in _ERROR_BLOCK[1:]]
+            response.sent = len(_ERROR_BODY)
             stream.send_response(_ERROR_BLOCK, _ERROR_BODY, end_stream=True)
     except (PTTHError, OSError):
         pass

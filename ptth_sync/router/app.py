@@ -42,7 +42,8 @@ class Router:
     are spread round-robin over the live tunnels. ``timeout`` bounds the wait
     for the backend's response (504) and for each later piece of it;
     ``tunnel_wait`` is how long a request may wait for a tunnel to appear
-    before it gets a 503.
+    before it gets a 503; ``max_body_size`` (bytes, None for no limit) is the
+    largest request body forwarded: a larger one gets a 413.
     """
 
     def __init__(
@@ -50,9 +51,11 @@ class Router:
         timeout: float = 30.0,
         tunnel_wait: float = 0.0,
         settings: ConnectionSettings = ConnectionSettings(),
+        max_body_size: Optional[int] = None,
     ) -> None:
         self.timeout = timeout
         self.tunnel_wait = tunnel_wait
+        self.max_body_size = max_body_size
         self.settings = settings
         self.pool = TunnelPool()
         self._listeners: List[socket.socket] = []
@@ -166,7 +169,9 @@ class Router:
             return _error(start_response, 400, "Bad Request", str(exc))
         method = environ["REQUEST_METHOD"]
         target = headers[3][1].decode("latin-1")
-        body = _RequestBody(environ)
+        body = _RequestBody(environ, self.max_body_size)
+        if body.too_large:
+            return _too_large(start_response, self.max_body_size)
         tried: List[Connection] = []
         while True:
             tunnel = self.pool.choose(exclude=tried, wait=self.tunnel_wait if not tried else 0.0)
@@ -184,7 +189,9 @@ class Router:
             except StreamTimeout:
                 return _error(start_response, 504, "Gateway Timeout", "the backend did not answer in time")
             except (ConnectionClosed, StreamReset) as exc:
-                if _retryable(exc) and body.replayable:
+                if body.too_large:
+                    return _too_large(start_response, self.max_body_size)
+                if _retryable(exc) and body.replayable and not tried:  # once, never more
                     log.info("%s %s: retrying on another tunnel (%s)", method, target, exc)
                     tried.append(tunnel)
                     continue
@@ -232,12 +239,15 @@ def _retryable(exc: Exception) -> bool:
 class _RequestBody:
     """The client's request body: read up front when small, else streamed by an upload thread."""
 
-    def __init__(self, environ: Dict[str, Any]) -> None:
+    def __init__(self, environ: Dict[str, Any], max_size: Optional[int] = None) -> None:
         self._input = environ.get("wsgi.input")
         length_text = environ.get("CONTENT_LENGTH") or ""
         self.length = int(length_text) if length_text.isdigit() else None
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         self.present = bool(self.length) or (self.length is None and chunked)
+        self.max_size = max_size
+        #: Set when the body is (or turned out, while streaming) over ``max_size``.
+        self.too_large = max_size is not None and self.length is not None and self.length > max_size
         self._small: Optional[bytes] = None
         self._upload: Optional[threading.Thread] = None
 
@@ -269,6 +279,7 @@ class _RequestBody:
     def _pump(self, stream: Stream, timeout: float) -> None:
         try:
             remaining = self.length
+            sent = 0
             while remaining is None or remaining > 0:
                 size = UPLOAD_CHUNK if remaining is None else min(UPLOAD_CHUNK, remaining)
                 data = self._input.read(size)
@@ -276,6 +287,12 @@ class _RequestBody:
                     break
                 if remaining is not None:
                     remaining -= len(data)
+                sent += len(data)
+                if self.max_size is not None and sent > self.max_size:
+                    log.info("request body over the %d-byte limit: upload stopped", self.max_size)
+                    self.too_large = True
+                    stream.reset(ErrorCodes.CANCEL)
+                    return
                 stream.send_data(data, timeout=timeout)
             if remaining:
                 log.info("client sent %d bytes less than its Content-Length", remaining)
@@ -320,6 +337,10 @@ class _ResponseBody:
     def close(self) -> None:
         self._stream.close()
         self._body.finish()
+
+
+def _too_large(start_response: StartResponse, limit: Optional[int]) -> List[bytes]:
+    return _error(start_response, 413, "Content Too Large", f"the request body exceeds {limit} bytes")
 
 
 def _error(start_response: StartResponse, code: int, phrase: str, detail: str) -> List[bytes]:

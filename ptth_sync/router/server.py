@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
     parser.add_argument("--header-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                         help="how long a client may take to send a request's line and headers (default: %(default)s)")
+    parser.add_argument("--max-body-size", type=positive_int, default=None, metavar="BYTES",
+                        help="largest request body forwarded; larger ones get 413 (default: no limit)")
     parser.add_argument("--ping-interval", type=positive_float, default=15.0, metavar="SECONDS",
                         help="PING a tunnel after this long without traffic; 0 never (default: %(default)s)")
     parser.add_argument("--ping-timeout", type=positive_float, default=10.0, metavar="SECONDS",
@@ -102,7 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     settings = ConnectionSettings(ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
-    router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait, settings=settings)
+    router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait, settings=settings,
+                    max_body_size=args.max_body_size)
     try:
         listener = Router.bind_tunnels(tunnel_address)
     except OSError as exc:

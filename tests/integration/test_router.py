@@ -369,3 +369,31 @@ def test_request_headers_over_the_backend_limit_get_431_and_the_tunnel_lives(rou
     assert wsgi_request(router, "GET", "/foo", headers=huge).code == 431
     assert wsgi_request(router, "GET", "/foo").body == b"bar"
     assert router.pool.tunnels() == [tunnel]
+
+
+def test_a_body_over_the_limit_gets_413_by_length_or_while_streaming(router, start_backend):
+    router.max_body_size = 1000
+    start_backend(apps.count)
+    assert wsgi_request(router, "POST", "/", b"x" * 1000).body == b"1000"
+    assert wsgi_request(router, "POST", "/", b"x" * 1001).code == 413
+    assert wsgi_request(router, "POST", "/", b"x" * 5000, chunked=True).code == 413
+    assert wsgi_request(router, "POST", "/", b"x" * 999, chunked=True).body == b"999"
+    assert len(router.pool) == 1
+
+
+def test_a_refused_request_is_retried_once_and_no_more(router, start_backend):
+    refusals: List[int] = []
+
+    class RefusingBackend(Backend):
+        def _on_request(self, stream):
+            refusals.append(stream.id)
+            stream.reset(ErrorCodes.REFUSED_STREAM)
+
+    backends = [RefusingBackend(router.tunnel_address, apps.hello).start() for _ in range(3)]
+    try:
+        wait_until(lambda: len(router.pool) == 3, what="three refusing tunnels")
+        assert wsgi_request(router, "GET", "/foo").code == 502
+        assert len(refusals) == 2  # the first try and one retry
+    finally:
+        for backend in backends:
+            backend.close()

@@ -1,0 +1,316 @@
+"""The backend as a gunicorn worker: ``gunicorn -k ptth_sync.worker.TunnelWorker app:app``.
+
+Every worker process dials the router(s) itself and keeps its own tunnels,
+so ``--workers 4`` shows four tunnels per router and the router balances over
+the processes. Inside a worker, the backend's engine and WSGI bridge do the
+work (:class:`ptth_sync.backend.Backend`, ``handle_request``); this class adds
+what makes it a gunicorn worker: the arbiter's heartbeat, signals, request
+counting for ``max_requests``, the server hooks and the access log.
+
+Configuration comes from the environment, because gunicorn builds its
+command line before it imports a worker class and drops config-file keys it
+does not know (``--env``/``raw_env`` work too):
+
+- ``PTTH_CONNECT=HOST:PORT[,HOST:PORT...]``: the routers (default 127.0.0.1:8887);
+- ``PTTH_TUNNELS=N``: connections per router per worker (default 1);
+- ``PTTH_TOKEN``: refused (gunicorn exits 1) until the token handshake exists,
+  so a deployment that asks for it never runs unprotected.
+
+gunicorn's own settings keep their meaning: ``threads`` sizes the request pool
+and is advertised to the router as the tunnel's concurrent-stream limit;
+``graceful_timeout`` bounds the drain on SIGTERM, on ``max_requests`` and on
+SIGHUP; ``timeout`` is the heartbeat deadline, kept by the main loop as
+gthread keeps it: a hung request thread does not stop the heartbeat (it holds
+one of the ``threads`` slots until it returns), only a stuck process does.
+
+gunicorn binds a listening socket whatever the worker (127.0.0.1:8000 by
+default; only ``bind = []`` in a config file avoids it). The application is
+not served there: it is reached through the router only. Each worker answers
+any HTTP request on that socket with its tunnel status, ``200`` while it has
+a live tunnel and ``503`` while it has none, for local health checks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import sys
+import threading
+from datetime import datetime
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from gunicorn import SERVER_SOFTWARE
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers import base
+
+from .addresses import Address, format_address, parse_addresses
+from .backend import Backend
+from .backend.wsgi import handle_request
+from .connection import Stream
+
+__all__ = ["TunnelRequest", "TunnelWorker", "tunnel_options"]
+
+DEFAULT_CONNECT = "127.0.0.1:8887"
+#: Health-check connections answered at once on gunicorn's listening socket.
+HEALTH_CONNECTIONS = 8
+#: Seconds a health-check client has to send its request.
+HEALTH_TIMEOUT = 5.0
+
+
+def tunnel_options(environ: Mapping[str, str]) -> Tuple[List[Address], int]:
+    """The routers to dial and the tunnels per router, from the ``PTTH_*`` variables.
+
+    Raises ValueError with a one-line reason for anything the worker must not
+    run with, a token above all.
+    """
+    if environ.get("PTTH_TOKEN"):
+        msg = "PTTH_TOKEN is set but the token handshake is not available in this version; refusing to run without it"
+        raise ValueError(msg)
+    try:
+        addresses = parse_addresses(environ.get("PTTH_CONNECT") or DEFAULT_CONNECT)
+    except ValueError as exc:
+        msg = f"PTTH_CONNECT: {exc}"
+        raise ValueError(msg) from None
+    text = environ.get("PTTH_TUNNELS") or "1"
+    if not (text.isdigit() and int(text) >= 1):
+        msg = f"PTTH_TUNNELS must be a whole number of at least 1, not {text!r}"
+        raise ValueError(msg)
+    return addresses, int(text)
+
+
+class TunnelRequest:
+    """A tunnelled request under the names gunicorn's hooks and access log read.
+
+    Mirrors ``gunicorn.http.Request``: ``headers`` is a list of
+    ``(UPPER-CASE-NAME, value)`` str pairs, ``uri`` the raw request target.
+    """
+
+    __slots__ = ("fragment", "headers", "method", "path", "query", "scheme", "uri", "version")
+
+    def __init__(self, header_block: Sequence[Tuple[bytes, bytes]]) -> None:
+        self.method = self.uri = self.scheme = self.fragment = ""
+        self.version = (1, 1)  # the environ's SERVER_PROTOCOL: the router speaks HTTP/1.1 to clients
+        self.headers: List[Tuple[str, str]] = []
+        authority = ""
+        for name, value in header_block:
+            text = value.decode("latin-1")
+            if name == b":method":
+                self.method = text
+            elif name == b":path":
+                self.uri = text
+            elif name == b":scheme":
+                self.scheme = text
+            elif name == b":authority":
+                authority = text
+            elif name[:1] != b":":
+                self.headers.append((name.decode("latin-1").upper(), text))
+        if authority and not any(name == "HOST" for name, _ in self.headers):
+            self.headers.insert(0, ("HOST", authority))
+        self.path, _, self.query = self.uri.partition("?")
+
+    def __repr__(self) -> str:
+        return f"<TunnelRequest {self.method} {self.uri}>"
+
+
+class TunnelWorker(base.Worker):
+    """gunicorn worker that serves the application through reverse tunnels."""
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """Runs in the master at start: fail fast on bad ``PTTH_*`` settings, explain the bound socket."""
+        try:
+            addresses, tunnels = tunnel_options({**os.environ, **cfg.env})
+        except ValueError as exc:
+            # gunicorn prints a RuntimeError as one "Error: ..." line and exits 1.
+            raise RuntimeError(str(exc)) from None
+        log.info(
+            "Each worker keeps %d tunnel(s) to %s and serves %d request(s) at once",
+            tunnels, ", ".join(format_address(a) for a in addresses), cfg.threads,
+        )
+        if cfg.bind:
+            log.info(
+                "Also listening at %s: workers answer health checks there (200 with a live tunnel, 503 without), "
+                "not the application; set bind = [] in a config file to listen on nothing",
+                ", ".join(cfg.bind),
+            )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # pre-fork, in the master: plain data only
+        self.addresses: List[Address] = []
+        self.tunnels = 1
+        self.backend: Optional[Backend] = None
+        self._lock = threading.Lock()  # nr and the health-check count
+        self._health_busy = 0
+
+    def init_process(self) -> None:
+        try:
+            self.addresses, self.tunnels = tunnel_options({**os.environ, **self.cfg.env})
+        except ValueError as exc:  # the environment changed since check_config (SIGHUP)
+            self.log.error("%s", exc)
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+        self._route_library_logs()
+        super().init_process()  # last: it loads the app and calls run()
+
+    def _route_library_logs(self) -> None:
+        """Send ``ptth_sync``'s own log lines to gunicorn's error log (level, format, file)."""
+        logger = logging.getLogger("ptth_sync")
+        error_log = getattr(self.log, "error_log", None)
+        if logger.handlers or error_log is None or not error_log.handlers:
+            return  # configured by the user's logconfig, or gunicorn logs through the root logger
+        logger.handlers = list(error_log.handlers)
+        logger.setLevel(error_log.level)
+        logger.propagate = False
+
+    # -- the main loop -----------------------------------------------------------
+
+    def run(self) -> None:
+        self.backend = Backend(
+            self.addresses, self.wsgi, threads=self.cfg.threads, tunnels=self.tunnels,
+            request_handler=self.handle_stream,
+        )
+        for listener in self.sockets:
+            listener.setblocking(False)
+        self.backend.start()
+        watched = [*self.sockets, self.PIPE[0]]
+        while self.alive:
+            # The heartbeat does not depend on the tunnels: an idle or
+            # redialling worker is a healthy one.
+            self.notify()
+            if not self.is_parent_alive():
+                break
+            readable, _, _ = select.select(watched, [], [], self._interval())
+            for ready in readable:
+                if ready is self.PIPE[0]:
+                    self._drain_pipe()
+                else:
+                    self._accept_health_check(ready)
+        self._stop_gracefully()
+
+    def _interval(self) -> float:
+        # self.timeout is half of --timeout (the arbiter passes it so); 0 disables it.
+        return min(1.0, self.timeout) if self.timeout else 1.0
+
+    def is_parent_alive(self) -> bool:
+        if self.ppid != os.getppid():
+            self.log.info("Parent changed, shutting down: %s", self)
+            return False
+        return True
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.PIPE[1], b".")
+        except OSError:  # the pipe is full: the loop wakes anyway
+            pass
+
+    def _drain_pipe(self) -> None:
+        try:
+            while os.read(self.PIPE[0], 4096):
+                pass
+        except OSError:  # the non-blocking pipe is empty
+            return
+
+    def _stop_gracefully(self) -> None:
+        """Drain every tunnel (no new streams, in-flight ones finish) for at most ``graceful_timeout``.
+
+        The drain runs on a daemon thread so the main thread keeps the
+        heartbeat going and SIGQUIT still ends the process at once.
+        """
+        for listener in self.sockets:
+            listener.close()
+        backend = self.backend
+        assert backend is not None
+        finished: List[bool] = []
+        stopper = threading.Thread(
+            target=lambda: finished.append(backend.stop(self.cfg.graceful_timeout)), name="ptth-drain", daemon=True
+        )
+        stopper.start()
+        while stopper.is_alive():
+            self.notify()
+            stopper.join(self._interval())
+        if finished != [True]:
+            self.log.warning("Graceful timeout (%ss): requests still in flight were cut", self.cfg.graceful_timeout)
+
+    # -- one request, on a pool thread -------------------------------------------
+
+    def handle_stream(self, stream: Stream) -> None:
+        """Serve one tunnelled request as gthread serves one: count, hooks, app, access log."""
+        req = TunnelRequest(stream.headers or [])
+        seen: List[Dict[str, Any]] = []
+        self._count_request()
+        started = datetime.now()
+
+        def app(environ: Dict[str, Any], start_response: Any) -> Any:
+            seen.append(environ)
+            environ["SERVER_SOFTWARE"] = SERVER_SOFTWARE
+            environ["wsgi.multiprocess"] = self.cfg.workers > 1
+            # Inside the app call, so that a failing hook is answered 500 as under gthread.
+            self.cfg.pre_request(self, req)
+            return self.wsgi(environ, start_response)
+
+        resp = None
+        try:
+            resp = handle_request(stream, app)
+        finally:
+            environ = seen[0] if seen else {}
+            if resp is not None and environ:
+                try:
+                    self.log.access(resp, req, environ, datetime.now() - started)
+                except Exception:
+                    self.log.exception("Error writing the access log")
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+
+    def _count_request(self) -> None:
+        with self._lock:
+            self.nr += 1
+            if self.nr < self.max_requests or not self.alive:
+                return
+            self.alive = False
+        self.log.info("Autorestarting worker after current request.")
+        self._wake()
+
+    # -- health checks on gunicorn's listening socket ------------------------------
+
+    def _accept_health_check(self, listener: Any) -> None:
+        try:
+            client, _ = listener.accept()
+        except OSError as exc:  # another worker took it, or the client gave up
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        with self._lock:
+            if self._health_busy >= HEALTH_CONNECTIONS:
+                client.close()
+                return
+            self._health_busy += 1
+        threading.Thread(target=self._answer_health_check, args=(client,), name="ptth-health", daemon=True).start()
+
+    def _answer_health_check(self, client: socket.socket) -> None:
+        try:
+            client.settimeout(HEALTH_TIMEOUT)
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < 8192:
+                data = client.recv(4096)
+                if not data:
+                    break
+                request += data
+            backend = self.backend
+            up = sum(1 for c in backend.connections if c.ready) if backend is not None else 0
+            body = f"ptth_sync worker {os.getpid()}: {up} of {len(self.addresses) * self.tunnels} tunnels up\n"
+            status = "200 OK" if up else "503 Service Unavailable"
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n"
+            )
+            client.sendall(head.encode() + (b"" if request.startswith(b"HEAD ") else body.encode()))
+        except OSError:
+            pass
+        finally:
+            client.close()
+            with self._lock:
+                self._health_busy -= 1
