@@ -397,3 +397,24 @@ def test_a_refused_request_is_retried_once_and_no_more(router, start_backend):
     finally:
         for backend in backends:
             backend.close()
+
+
+@pytest.mark.parametrize("fault", ["str body", "no start_response", "raises before start_response",
+                                   "raises after start_response"])
+def test_misbehaving_app_gets_500_before_anything_was_sent_and_the_tunnel_lives(router, start_backend, fault):
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/ok":
+            return apps.hello(environ, start_response)
+        if fault == "raises before start_response":
+            raise ValueError("before")
+        if fault == "no start_response":
+            return [b"body without status"]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        if fault == "raises after start_response":
+            raise ValueError("after")
+        return ["a str, not bytes"]
+
+    start_backend(app)
+    assert wsgi_request(router, "GET", "/bad").code == 500
+    assert wsgi_request(router, "GET", "/ok").body == b"hello"
+    assert len(router.pool) == 1
