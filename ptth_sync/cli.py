@@ -1,4 +1,4 @@
-"""What the command lines share: logging set-up and the token guard."""
+"""What the command lines share: logging set-up and the token options."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Optional
 
-__all__ = ["configure_logging", "reject_token"]
+__all__ = ["add_token_arguments", "configure_logging", "read_token", "reject_token"]
 
 LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
@@ -28,6 +28,27 @@ def reject_token(parser: argparse.ArgumentParser, token: Optional[str]) -> None:
     """Refuse to run without the protection the operator asked for."""
     if token or os.environ.get("PTTH_TOKEN"):
         parser.error("the token handshake is not available in this version; refusing to run without it")
+
+
+def add_token_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--token", default=None, help=f"{help_text} (or the environment variable PTTH_TOKEN)")
+    parser.add_argument("--token-file", default=None, metavar="FILE",
+                        help="read the token from FILE (its first line), so it stays out of `ps`")
+
+
+def read_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[str]:
+    """The token from --token-file, --token or PTTH_TOKEN, in that order; None when none is set."""
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as file:
+                token = file.readline().strip()
+        except OSError as exc:
+            parser.error(f"cannot read the token file: {exc.strerror}")
+        if not token:
+            parser.error(f"the token file {args.token_file} is empty")
+        return token
+    token = args.token if args.token is not None else os.environ.get("PTTH_TOKEN")
+    return token or None
 
 
 def positive_float(text: str) -> float:

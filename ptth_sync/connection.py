@@ -301,8 +301,10 @@ class Connection:
         on_request: Optional[Callable[[Stream], None]] = None,
         on_close: Optional[Callable[[Connection, str], None]] = None,
         name: str = "",
+        initial_data: bytes = b"",
     ) -> None:
         self.sock = sock
+        self._initial_data = initial_data
         self.client_side = client_side
         self.settings = settings
         self.name = name or _peer_name(sock)
@@ -691,18 +693,21 @@ class Connection:
         poller.register(sock, select.POLLIN)
         pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes already
         self._last_received = time.monotonic()
+        early, self._initial_data = self._initial_data, b""  # read before we started (a handshake)
         while True:
-            if not (pending is not None and pending()):
-                while not poller.poll(self._poll_timeout_ms()):
-                    reason = self._on_quiet()
-                    if reason is not None:
-                        return reason
-            try:
-                data = sock.recv(recv_size)
-            except OSError as exc:
-                if self._error is not None:
-                    return self._error.reason
-                return f"read failed: {exc}"
+            data, early = early, b""
+            if not data:
+                if not (pending is not None and pending()):
+                    while not poller.poll(self._poll_timeout_ms()):
+                        reason = self._on_quiet()
+                        if reason is not None:
+                            return reason
+                try:
+                    data = sock.recv(recv_size)
+                except OSError as exc:
+                    if self._error is not None:
+                        return self._error.reason
+                    return f"read failed: {exc}"
             if not data:
                 if self._error is not None:
                     return self._error.reason

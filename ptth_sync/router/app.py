@@ -13,6 +13,7 @@ from h2.errors import ErrorCodes
 from ..addresses import Address, AddressLike, format_address, parse_address
 from ..connection import Connection, ConnectionSettings, Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout
+from ..handshake import HandshakeFailed, HandshakeRefused, accept_upgrade
 from ..headers import InvalidHeader, header_list_size, request_headers, response_headers, response_status
 from .pool import TunnelPool
 
@@ -43,7 +44,9 @@ class Router:
     for the backend's response (504) and for each later piece of it;
     ``tunnel_wait`` is how long a request may wait for a tunnel to appear
     before it gets a 503; ``max_body_size`` (bytes, None for no limit) is the
-    largest request body forwarded: a larger one gets a 413.
+    largest request body forwarded: a larger one gets a 413. With a ``token``,
+    a backend must open its tunnel with the PTTH upgrade and that bearer
+    token; without one, both the upgrade and the plain wire are accepted.
     """
 
     def __init__(
@@ -52,8 +55,12 @@ class Router:
         tunnel_wait: float = 0.0,
         settings: ConnectionSettings = ConnectionSettings(),
         max_body_size: Optional[int] = None,
+        token: Optional[str] = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.timeout = timeout
+        self.token = token or None
+        self.handshake_timeout = handshake_timeout
         self.tunnel_wait = tunnel_wait
         self.max_body_size = max_body_size
         self.settings = settings
@@ -96,14 +103,18 @@ class Router:
         thread = threading.Thread(target=self._accept_loop, args=(sock,), name=f"ptth-accept {name}", daemon=True)
         thread.start()
 
-    def add_tunnel(self, sock: socket.socket) -> Connection:
-        """Start serving as the HTTP/2 client on a connected socket a backend dialled."""
+    def add_tunnel(self, sock: socket.socket, initial_data: bytes = b"") -> Connection:
+        """Start serving as the HTTP/2 client on a connected socket a backend dialled.
+
+        ``initial_data``: bytes already read from the socket that belong to HTTP/2.
+        """
         connection = Connection(
             sock,
             client_side=True,
             settings=self.settings,
             on_ready=self._tunnel_ready,
             on_close=self._tunnel_closed,
+            initial_data=initial_data,
         )
         with self._lock:
             if self._closed:
@@ -141,12 +152,26 @@ class Router:
                 log.exception("accepting a tunnel failed")
                 time.sleep(0.1)  # out of file descriptors, say: do not spin
                 continue
-            try:
-                self.add_tunnel(sock)
-            except ConnectionClosed:
+            if self._closed:
+                sock.close()
                 return
-            except OSError as exc:  # Defensive: the peer left at once
-                log.warning("tunnel setup failed: %s", exc)
+            # The opening (plain wire or PTTH upgrade) has a deadline, and a slow
+            # or silent peer must not hold up the next one: a thread each.
+            threading.Thread(target=self._open_tunnel, args=(sock,), name="ptth-handshake", daemon=True).start()
+
+    def _open_tunnel(self, sock: socket.socket) -> None:
+        peer = _peer(sock)
+        try:
+            initial_data, _origin = accept_upgrade(sock, self.token, self.handshake_timeout)  # origins: later
+            self.add_tunnel(sock, initial_data)
+        except HandshakeRefused as exc:
+            log.warning("Tunnel from %s refused: %s", peer, exc.reason)
+            sock.close()
+        except (HandshakeFailed, OSError) as exc:
+            log.warning("Tunnel from %s failed to open: %s", peer, exc)
+            sock.close()
+        except ConnectionClosed:
+            sock.close()  # the router closed meanwhile
 
     def _tunnel_ready(self, connection: Connection) -> None:
         self.pool.add(connection)
@@ -227,6 +252,13 @@ class Router:
             stream.close()
             body.finish()
             raise
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return format_address(sock.getpeername()[:2])
+    except OSError:
+        return "?"
 
 
 def _retryable(exc: Exception) -> bool:

@@ -10,6 +10,7 @@ the access log.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import socket
 from typing import Any, Dict, List, Optional
@@ -17,7 +18,7 @@ from typing import Any, Dict, List, Optional
 from gunicorn.app.base import BaseApplication
 
 from ..addresses import format_address, parse_address
-from ..cli import configure_logging, positive_float, positive_int, reject_token
+from ..cli import add_token_arguments, configure_logging, positive_float, positive_int, read_token
 from ..connection import ConnectionSettings
 from .app import Router
 from .worker import RouterWorker
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PING a tunnel after this long without traffic; 0 never (default: %(default)s)")
     parser.add_argument("--ping-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                         help="drop a tunnel whose PING goes unanswered this long (default: %(default)s)")
-    parser.add_argument("--token", default=None, help="shared secret backends must present (env PTTH_TOKEN)")
+    add_token_arguments(parser, "shared secret every backend must present to open a tunnel")
     parser.add_argument("--access-logfile", default=None, metavar="FILE",
                         help="write gunicorn's access log to FILE ('-' for stdout)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -96,7 +97,7 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reject_token(parser, args.token)
+    token = read_token(parser, args)
     configure_logging(args.log_level)
     try:
         http_address = parse_address(args.http)
@@ -105,13 +106,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(str(exc))
     settings = ConnectionSettings(ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
     router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait, settings=settings,
-                    max_body_size=args.max_body_size)
+                    max_body_size=args.max_body_size, token=token)
     try:
         listener = Router.bind_tunnels(tunnel_address)
     except OSError as exc:
         log.error("Cannot listen for tunnels on %s: %s", format_address(tunnel_address), exc)
         return 1
     log.info("Listening for reverse tunnels on tcp://%s", format_address(listener.getsockname()[:2]))
+    if token is None and not _is_loopback(tunnel_address[0]):
+        log.warning("The tunnel listener on %s is reachable beyond this host and has no --token: "
+                    "anyone who can connect can register as a backend and receive your traffic",
+                    format_address(tunnel_address))
     options = {
         "bind": [format_address(http_address)],
         "workers": 1,
@@ -127,3 +132,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     RouterServer(router, listener, options).run()
     return 0
 
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
