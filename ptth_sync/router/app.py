@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -15,6 +16,7 @@ from ..connection import Connection, ConnectionSettings, Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout
 from ..handshake import HandshakeFailed, HandshakeRefused, accept_upgrade
 from ..headers import InvalidHeader, header_list_size, request_headers, response_headers, response_status
+from ..tls import TLSChannel
 from .pool import TunnelPool
 
 __all__ = ["Router"]
@@ -47,6 +49,8 @@ class Router:
     largest request body forwarded: a larger one gets a 413. With a ``token``,
     a backend must open its tunnel with the PTTH upgrade and that bearer
     token; without one, both the upgrade and the plain wire are accepted.
+    With an ``ssl_context`` (a server context; see :func:`server_context`)
+    tunnels are TLS, the backend being the TLS client.
     """
 
     def __init__(
@@ -57,8 +61,10 @@ class Router:
         max_body_size: Optional[int] = None,
         token: Optional[str] = None,
         handshake_timeout: float = 10.0,
+        ssl_context: Optional[ssl.SSLContext] = None,
     ) -> None:
         self.timeout = timeout
+        self.ssl_context = ssl_context
         self.token = token or None
         self.handshake_timeout = handshake_timeout
         self.tunnel_wait = tunnel_wait
@@ -162,6 +168,15 @@ class Router:
     def _open_tunnel(self, sock: socket.socket) -> None:
         peer = _peer(sock)
         try:
+            if self.ssl_context is not None:
+                channel = TLSChannel(sock, self.ssl_context, server_side=True)
+                try:
+                    channel.do_handshake(self.handshake_timeout)
+                except (ssl.SSLError, OSError) as exc:
+                    log.warning("Tunnel from %s failed the TLS handshake: %s", peer, exc)
+                    sock.close()
+                    return
+                sock = channel  # type: ignore[assignment]
             initial_data, _origin = accept_upgrade(sock, self.token, self.handshake_timeout)  # origins: later
             self.add_tunnel(sock, initial_data)
         except HandshakeRefused as exc:

@@ -13,6 +13,7 @@ import argparse
 import ipaddress
 import logging
 import socket
+import ssl
 from typing import Any, Dict, List, Optional
 
 from gunicorn.app.base import BaseApplication
@@ -20,6 +21,7 @@ from gunicorn.app.base import BaseApplication
 from ..addresses import format_address, parse_address
 from ..cli import add_token_arguments, configure_logging, positive_float, positive_int, read_token
 from ..connection import ConnectionSettings
+from ..tls import server_context
 from .app import Router
 from .worker import RouterWorker
 
@@ -54,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ping-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                         help="drop a tunnel whose PING goes unanswered this long (default: %(default)s)")
     add_token_arguments(parser, "shared secret every backend must present to open a tunnel")
+    parser.add_argument("--certfile", default=None, metavar="FILE",
+                        help="serve tunnels over TLS with this certificate (chain) in PEM")
+    parser.add_argument("--keyfile", default=None, metavar="FILE", help="the private key for --certfile")
+    parser.add_argument("--ca-certs", default=None, metavar="FILE",
+                        help="mutual TLS: require tunnel client certificates issued by these CAs")
+    parser.add_argument("--http-certfile", default=None, metavar="FILE",
+                        help="serve the public HTTP side as HTTPS with this certificate (chain)")
+    parser.add_argument("--http-keyfile", default=None, metavar="FILE", help="the private key for --http-certfile")
     parser.add_argument("--access-logfile", default=None, metavar="FILE",
                         help="write gunicorn's access log to FILE ('-' for stdout)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -104,18 +114,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         tunnel_address = parse_address(args.tunnels)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.ca_certs and not args.certfile:
+        parser.error("--ca-certs needs --certfile: mutual TLS is TLS")
+    if bool(args.http_certfile) != bool(args.http_keyfile):
+        parser.error("--http-certfile and --http-keyfile go together")
+    tunnel_tls = None
+    if args.certfile:
+        try:
+            tunnel_tls = server_context(args.certfile, args.keyfile, args.ca_certs)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"cannot load the tunnel certificate: {exc}")
     settings = ConnectionSettings(ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
     router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait, settings=settings,
-                    max_body_size=args.max_body_size, token=token)
+                    max_body_size=args.max_body_size, token=token, ssl_context=tunnel_tls)
     try:
         listener = Router.bind_tunnels(tunnel_address)
     except OSError as exc:
         log.error("Cannot listen for tunnels on %s: %s", format_address(tunnel_address), exc)
         return 1
     log.info("Listening for reverse tunnels on tcp://%s", format_address(listener.getsockname()[:2]))
-    if token is None and not _is_loopback(tunnel_address[0]):
-        log.warning("The tunnel listener on %s is reachable beyond this host and has no --token: "
-                    "anyone who can connect can register as a backend and receive your traffic",
+    if token is None and tunnel_tls is None and not _is_loopback(tunnel_address[0]):
+        log.warning("The tunnel listener on %s is reachable beyond this host with neither --token nor "
+                    "TLS: anyone who can connect can register as a backend and receive your traffic",
                     format_address(tunnel_address))
     options = {
         "bind": [format_address(http_address)],
@@ -129,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "accesslog": args.access_logfile,
         "proc_name": "ptth_sync.router",
     }
+    if args.http_certfile:
+        options.update({"certfile": args.http_certfile, "keyfile": args.http_keyfile})
     RouterServer(router, listener, options).run()
     return 0
 

@@ -1,0 +1,177 @@
+"""TLS on the tunnel (and mutual TLS), with certificates made at test time."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+import ssl
+import threading
+from typing import List
+
+import pytest
+
+trustme = pytest.importorskip("trustme")
+
+from ptth_sync import Router  # noqa: E402
+from ptth_sync.addresses import format_address  # noqa: E402
+from ptth_sync.connection import Connection, Stream  # noqa: E402
+from ptth_sync.handshake import dial_upgrade  # noqa: E402
+from ptth_sync.tls import TLSChannel, client_context, server_context  # noqa: E402
+from tests.conftest import wait_until  # noqa: E402
+from tests.wsgi_client import wsgi_request  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def pem_files(ca, tmp_path_factory):
+    """PEM files: the CA, a good server certificate, an expired one, and a client certificate."""
+    folder = tmp_path_factory.mktemp("certs")
+    files = {"ca": folder / "ca.pem"}
+    ca.cert_pem.write_to_path(files["ca"])
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2)
+    for name, cert in {
+        "server": ca.issue_cert("localhost", "127.0.0.1"),
+        "expired": ca.issue_cert("localhost", "127.0.0.1", not_after=past,
+                                 not_before=past - datetime.timedelta(days=30)),
+        "client": ca.issue_cert("backend-1.example"),
+    }.items():
+        files[name] = folder / f"{name}.pem"
+        cert.private_key_and_cert_chain_pem.write_to_path(files[name])
+    return files
+
+
+def make_router(pem_files, cert: str = "server", mutual: bool = False, token=None) -> Router:
+    context = server_context(str(pem_files[cert]), ca_certs=str(pem_files["ca"]) if mutual else None)
+    router = Router(timeout=5, ssl_context=context, token=token, handshake_timeout=2)
+    router.tunnel_address = router.listen_tunnels("127.0.0.1:0")
+    return router
+
+
+def answer(stream: Stream) -> None:
+    def respond() -> None:
+        stream.send_response([(b":status", b"200"), (b"content-length", b"3")], b"tls", end_stream=True)
+        stream.close()
+
+    threading.Thread(target=respond, daemon=True).start()
+
+
+@pytest.fixture
+def opened():
+    connections: List[Connection] = []
+    routers: List[Router] = []
+    yield connections, routers
+    for connection in connections:
+        connection.close()
+    for router in routers:
+        router.close()
+
+
+def dial(router: Router, context: ssl.SSLContext, opened, hostname: str = "localhost", token=None) -> TLSChannel:
+    sock = socket.create_connection(router.tunnel_address, timeout=5)
+    channel = TLSChannel(sock, context, server_side=False, server_hostname=hostname)
+    try:
+        channel.do_handshake(5)
+    except BaseException:
+        sock.close()
+        raise
+    leftover = dial_upgrade(channel, format_address(router.tunnel_address), token) if token else b""
+    connection = Connection(channel, client_side=False, on_request=answer, initial_data=leftover)  # type: ignore[arg-type]
+    connection.start()
+    opened[0].append(connection)
+    return channel
+
+
+def test_a_tls_tunnel_with_a_valid_certificate_serves_and_negotiates_h2(pem_files, opened):
+    router = make_router(pem_files)
+    opened[1].append(router)
+    channel = dial(router, client_context(cafile=str(pem_files["ca"])), opened)
+    assert channel.selected_alpn_protocol == "h2"
+    wait_until(lambda: len(router.pool) == 1, what="the TLS tunnel")
+    assert [wsgi_request(router, "GET", "/").body for _ in range(5)] == [b"tls"] * 5
+
+
+def test_large_bodies_cross_a_tls_tunnel_both_ways(pem_files, opened):
+    router = make_router(pem_files)
+    opened[1].append(router)
+    echo_bytes = bytes(range(256)) * 4096 * 4  # 4 MiB
+
+    def echo(stream: Stream) -> None:
+        def run() -> None:
+            stream.send_headers([(b":status", b"200")])
+            while True:
+                data = stream.read(-1, 10)
+                if not data:
+                    break
+                stream.send_data(data)
+            stream.end()
+            stream.close()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    sock = socket.create_connection(router.tunnel_address, timeout=5)
+    channel = TLSChannel(sock, client_context(cafile=str(pem_files["ca"])), server_side=False,
+                         server_hostname="localhost")
+    channel.do_handshake(5)
+    connection = Connection(channel, client_side=False, on_request=echo)  # type: ignore[arg-type]
+    connection.start()
+    opened[0].append(connection)
+    wait_until(lambda: len(router.pool) == 1, what="the TLS tunnel")
+    assert wsgi_request(router, "PUT", "/", echo_bytes).body == echo_bytes
+
+
+def test_an_expired_certificate_is_refused_by_the_backend_and_no_tunnel_is_added(pem_files, opened, caplog):
+    caplog.set_level(logging.INFO, logger="ptth_sync.router")
+    router = make_router(pem_files, cert="expired")
+    opened[1].append(router)
+    with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
+        dial(router, client_context(cafile=str(pem_files["ca"])), opened)
+    wait_until(lambda: "failed the TLS handshake" in caplog.text, what="the failure in the router's log")
+    assert len(router.pool) == 0
+
+
+def test_a_wrong_hostname_is_refused_by_the_backend(pem_files, opened):
+    router = make_router(pem_files)
+    opened[1].append(router)
+    with pytest.raises(ssl.SSLCertVerificationError, match=r"mismatch|doesn.t match|not valid"):
+        dial(router, client_context(cafile=str(pem_files["ca"])), opened, hostname="router.example")
+    assert len(router.pool) == 0
+
+
+def test_mutual_tls_refuses_a_backend_without_a_client_certificate(pem_files, opened, caplog):
+    caplog.set_level(logging.INFO, logger="ptth_sync.router")
+    router = make_router(pem_files, mutual=True)
+    opened[1].append(router)
+    context = client_context(cafile=str(pem_files["ca"]))
+    try:
+        channel = dial(router, context, opened)
+    except (ssl.SSLError, OSError):
+        pass  # TLS 1.2 fails in the handshake
+    else:
+        # TLS 1.3: the client finishes first; the router's refusal ends the connection.
+        wait_until(lambda: not opened[0][-1].alive, what="the refused connection to close")
+        assert channel is not None
+    wait_until(lambda: "failed the TLS handshake" in caplog.text, what="the refusal in the router's log")
+    assert len(router.pool) == 0
+
+
+def test_mutual_tls_admits_a_backend_with_a_client_certificate_and_a_token(pem_files, opened):
+    router = make_router(pem_files, mutual=True, token="t0k")
+    opened[1].append(router)
+    context = client_context(cafile=str(pem_files["ca"]), certfile=str(pem_files["client"]))
+    dial(router, context, opened, token="t0k")
+    wait_until(lambda: len(router.pool) == 1, what="the mutual-TLS tunnel")
+    assert wsgi_request(router, "GET", "/").body == b"tls"
+
+
+def test_a_tls_handshake_that_stalls_is_closed_at_the_deadline(pem_files, opened, caplog):
+    router = make_router(pem_files)
+    opened[1].append(router)
+    with socket.create_connection(router.tunnel_address, timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+        assert sock.recv(1024) == b""
+    wait_until(lambda: "failed the TLS handshake" in caplog.text, what="the deadline in the log")
