@@ -119,9 +119,12 @@ class _WaitQueue:
             except ValueError:
                 pass
 
-    def take(self) -> List[threading.Lock]:
-        """Remove every waiter (lock held); release them to wake their threads."""
-        waiters, self._waiters = self._waiters, []
+    def take(self, count: Optional[int] = None) -> List[threading.Lock]:
+        """Remove every waiter, or the ``count`` longest waiting (lock held); release them to wake them."""
+        if count is None or count >= len(self._waiters):
+            waiters, self._waiters = self._waiters, []
+        else:
+            waiters, self._waiters = self._waiters[:count], self._waiters[count:]
         return waiters
 
 
@@ -326,7 +329,10 @@ class Connection:
         self._write_lock = threading.Lock()
         self._writer_waiting = _WaitQueue()
         self._capacity_waiting = _WaitQueue()  # open_stream at the stream limit, drain
-        self._capacity_changed = False
+        # Stream slots freed by the last batch: wake that many waiters, not all
+        # of them (hundreds of threads may wait for a tunnel's few slots);
+        # None wakes every one (the limit itself changed).
+        self._slots_freed: Optional[int] = 0
         self._streams: Dict[int, Stream] = {}
         self._outbox: List[bytes] = []
         self._queued_bytes = 0
@@ -740,9 +746,9 @@ class Connection:
                 for stream in wake:
                     if stream._waiting:
                         to_wake += stream._waiting.take()
-                if self._capacity_changed:
-                    self._capacity_changed = False
-                    to_wake += self._capacity_waiting.take()
+                if self._slots_freed != 0 and self._capacity_waiting:
+                    to_wake += self._capacity_waiting.take(self._slots_freed)
+                self._slots_freed = 0
                 self._queue_output()
                 if self._outbox:
                     to_wake += self._writer_waiting.take()
@@ -859,7 +865,7 @@ class Connection:
             if stream is not None:
                 stream._remote_ended = True
                 wake.add(stream)
-            self._capacity_changed = True
+            self._free_slot()
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id == 0:
                 wake.update(streams.values())
@@ -869,13 +875,13 @@ class Connection:
                     wake.add(stream)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             wake.update(streams.values())
-            self._capacity_changed = True
+            self._slots_freed = None
         elif isinstance(event, h2.events.StreamReset):
             stream = streams.get(event.stream_id)
             if stream is not None:
                 stream._error = StreamReset(event.stream_id, event.error_code, remote=True)
                 wake.add(stream)
-            self._capacity_changed = True
+            self._free_slot()
         elif isinstance(event, h2.events.TrailersReceived):
             stream = streams.get(event.stream_id)
             if stream is not None:
@@ -885,7 +891,7 @@ class Connection:
         elif isinstance(event, h2.events.SettingsAcknowledged):
             if self._pending_drain_ack:
                 self._pending_drain_ack = False
-                self._capacity_changed = True
+                self._slots_freed = None
         elif isinstance(event, h2.events.ConnectionTerminated):
             last = event.last_stream_id if event.last_stream_id is not None else 0
             reason = f"peer sent GOAWAY ({_error_name(event.error_code)})"
@@ -896,6 +902,10 @@ class Connection:
                     stream._error = ConnectionClosed(reason, request_sent=sid <= last)
             return reason
         return None
+
+    def _free_slot(self) -> None:
+        if self._slots_freed is not None:
+            self._slots_freed += 1
 
     def _wake_all_streams(self) -> None:
         for stream in self._streams.values():
@@ -924,7 +934,7 @@ class Connection:
                 if unread:
                     self._h2.acknowledge_received_data(unread, stream.id)
                 self._queue_output()
-            to_wake = stream._waiting.take() + self._capacity_waiting.take()
+            to_wake = stream._waiting.take() + self._capacity_waiting.take(1)
         _release(to_wake)
         self._flush()
 
