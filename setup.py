@@ -12,7 +12,15 @@ setup(
     python_requires=">=3.9",
     install_requires=["h2>=4.1,<5", "hyperframe>=6,<7", "gunicorn>=23"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "flask>=2", "django>=4.2", "ruff>=0.5", "trustme>=1.0", "hypothesis>=6"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2",
+            "hypothesis>=6",
+            "trustme>=1.0",
+            "flask>=2",
+            "django>=4.2",
+            "ruff>=0.5",
+        ],
         "lint": ["ruff>=0.5"],
     },
     classifiers=[

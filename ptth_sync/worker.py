@@ -39,6 +39,7 @@ import select
 import socket
 import sys
 import threading
+import time
 from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -58,6 +59,8 @@ DEFAULT_CONNECT = "127.0.0.1:8887"
 HEALTH_CONNECTIONS = 8
 #: Seconds a health-check client has to send its request.
 HEALTH_TIMEOUT = 5.0
+#: Seconds past graceful_timeout a stopping worker waits for its tunnels to close.
+STOP_MARGIN = 2.0
 
 
 def tunnel_options(environ: Mapping[str, str]) -> Tuple[List[Address], int]:
@@ -183,7 +186,7 @@ class TunnelWorker(base.Worker):
                 break
             readable, _, _ = select.select(watched, [], [], self._interval())
             for ready in readable:
-                if ready is self.PIPE[0]:
+                if ready == self.PIPE[0]:
                     self._drain_pipe()
                 else:
                     self._accept_health_check(ready)
@@ -227,7 +230,9 @@ class TunnelWorker(base.Worker):
             target=lambda: finished.append(backend.stop(self.cfg.graceful_timeout)), name="ptth-drain", daemon=True
         )
         stopper.start()
-        while stopper.is_alive():
+        # Backend.stop keeps to graceful_timeout; the margin is for closing up.
+        deadline = time.monotonic() + self.cfg.graceful_timeout + STOP_MARGIN
+        while stopper.is_alive() and time.monotonic() < deadline:
             self.notify()
             stopper.join(self._interval())
         if finished != [True]:

@@ -133,3 +133,10 @@ def multi(environ, start_response):
         return start_response(status, [*headers, ("X-Backend-Pid", str(os.getpid()))], exc_info)
 
     return app(environ, start_with_pid)
+
+
+def failing(environ, start_response):
+    """``multi``, plus ``/boom``, which raises before it responds (a 500 for the access log)."""
+    if environ["PATH_INFO"] == "/boom":
+        raise RuntimeError("boom")
+    return multi(environ, start_response)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Callable, List, Optional, Tuple
 
 __all__ = ["ThreadPool"]
@@ -44,8 +45,9 @@ class ThreadPool:
         """Let queued tasks finish, then end the threads (waiting at most ``timeout`` in all)."""
         for _ in self._threads:
             self._tasks.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
         self._threads = [t for t in self._threads if t.is_alive()]
 
     def _work(self) -> None:
