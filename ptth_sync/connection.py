@@ -199,6 +199,16 @@ class Stream:
         return self._remote_ended
 
     @property
+    def cancelled(self) -> bool:
+        """True once the stream was reset (by either side) or its connection died."""
+        conn = self.connection
+        if self._error is not None or conn._error is not None:
+            return True
+        with conn._lock:
+            h2_stream = conn._h2.streams.get(self.id)
+            return h2_stream is None or h2_stream.closed
+
+    @property
     def local_ended(self) -> bool:
         """True once this side has sent END_STREAM."""
         return self._local_ended
@@ -308,6 +318,7 @@ class Connection:
     ) -> None:
         self.sock = sock
         self._initial_data = initial_data
+        self._can_send_nonblocking = isinstance(sock, socket.socket)
         self.client_side = client_side
         self.settings = settings
         self.name = name or _peer_name(sock)
@@ -625,6 +636,37 @@ class Connection:
                 _shutdown(sock)
                 return
 
+    def _send_without_blocking(self) -> None:
+        """Reader only: send what is queued (acknowledgements, mostly) if that cannot block.
+
+        Saves waking the writer thread for the few bytes a batch of frames
+        asks back. Only when no one else is sending, and only what the socket
+        takes at once: the rest, or all of it on a TLS channel, goes to the
+        writer thread, so the reader never waits on a write.
+        """
+        if self._can_send_nonblocking and self._write_lock.acquire(blocking=False):
+            with self._lock:
+                data = b"".join(self._outbox)
+                self._outbox = []
+                self._attempted_bytes += len(data)
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = len(data)  # the connection is failing; the reader will hear of it
+            with self._lock:
+                if sent < len(data):
+                    self._outbox.insert(0, data[sent:])
+                    self._attempted_bytes -= len(data) - sent
+                # Released under the state lock, as in _flush, so nothing is stranded.
+                self._write_lock.release()
+                waiters = self._writer_waiting.take() if self._outbox else []
+        else:
+            with self._lock:
+                waiters = self._writer_waiting.take()
+        _release(waiters)
+
     def _outbox_full(self) -> bool:
         return self._queued_bytes - self._attempted_bytes > _OUTBOX_HIGH_WATER
 
@@ -679,13 +721,10 @@ class Connection:
                 self._fail(reason)
                 reason = self._error.reason if self._error is not None else reason
             self._send_final_bytes()
-            _shutdown(self.sock)
-            try:
-                self.sock.close()
-            except OSError:  # Defensive
-                pass
+            _linger_close(self.sock)
             self.close_reason = reason
             self._closed.set()
+            self._ready.set()  # wakes wait_ready(); `ready` stays False once dead
             if self._on_close is not None:
                 try:
                     self._on_close(self, reason)
@@ -728,10 +767,11 @@ class Connection:
                     events = self._h2.receive_data(data)
                 except h2.exceptions.ProtocolError as exc:
                     self._queue_output()  # the GOAWAY h2 prepared
-                    return f"protocol error from peer: {exc}"
+                    return f"protocol error from peer: {_describe(exc)}"
                 abuse = self._check_abuse(events)
                 if abuse is not None:
-                    self._goaway_locked(ErrorCodes.ENHANCE_YOUR_CALM, abuse)
+                    code = ErrorCodes.FRAME_SIZE_ERROR if "overlong frame" in abuse else ErrorCodes.ENHANCE_YOUR_CALM
+                    self._goaway_locked(code, abuse)
                     return abuse
                 ended = None
                 wake: Set[Stream] = set()
@@ -750,11 +790,11 @@ class Connection:
                     to_wake += self._capacity_waiting.take(self._slots_freed)
                 self._slots_freed = 0
                 self._queue_output()
-                if self._outbox:
-                    to_wake += self._writer_waiting.take()
-                    if self._queued_bytes - self._attempted_bytes > self.settings.max_unsent_bytes:
-                        ended = ended or "peer does not read what we send"
+                if self._outbox and self._queued_bytes - self._attempted_bytes > self.settings.max_unsent_bytes:
+                    ended = ended or "peer does not read what we send"
             _release(to_wake)
+            if self._outbox:
+                self._send_without_blocking()
             if ended is not None:
                 return ended
             if became_ready:
@@ -822,6 +862,16 @@ class Connection:
         buffered = getattr(self._h2.incoming_buffer, "_headers_buffer", ())
         if buffered and sum(len(frame.data) for frame in buffered) > s.max_header_block:
             return f"peer sent a header block over {s.max_header_block} bytes"
+        # h2 checks a frame's length only once the whole frame is buffered: a
+        # header announcing 16 MiB (or bytes that are not HTTP/2 at all) would
+        # hold the connection, and that much memory, until then.
+        pending = getattr(self._h2.incoming_buffer, "_data", b"")
+        if len(pending) >= 3:
+            length = int.from_bytes(pending[:3], "big")
+            if length > self._h2.max_inbound_frame_size:
+                limit = self._h2.max_inbound_frame_size
+                return f"protocol error from peer: Received overlong frame: length {length}, max {limit}"
+        return None
         return None
 
     def _goaway_locked(self, error_code: int, reason: str) -> None:
@@ -854,6 +904,13 @@ class Connection:
             stream = streams.get(event.stream_id)
             if stream is None:
                 if not isinstance(event, h2.events.RequestReceived):
+                    return None
+                if self._abandoned_streams() >= self.settings.max_concurrent_streams:
+                    # h2 stops counting a stream once it is reset, but until a
+                    # thread has dealt with it, it still costs us: past as many
+                    # as the streams we allow, refuse more (safe to retry), or
+                    # "rapid reset" would queue unbounded work.
+                    self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
                     return None
                 stream = Stream(self, event.stream_id)
                 streams[event.stream_id] = stream
@@ -902,6 +959,17 @@ class Connection:
                     stream._error = ConnectionClosed(reason, request_sent=sid <= last)
             return reason
         return None
+
+    def _abandoned_streams(self) -> int:
+        """Streams reset before we answered them that a thread has yet to release (lock held)."""
+        h2_streams = self._h2.streams
+        count = 0
+        for stream in self._streams.values():
+            if not stream._local_ended:
+                h2_stream = h2_streams.get(stream.id)
+                if stream._error is not None or h2_stream is None or h2_stream.closed:
+                    count += 1
+        return count
 
     def _free_slot(self) -> None:
         if self._slots_freed is not None:
@@ -955,6 +1023,43 @@ class Connection:
         role = "client" if self.client_side else "server"
         state = "alive" if self.alive else f"closed: {self._error.reason if self._error else ''}"
         return f"<Connection {role} {self.name} {state} streams={len(self._streams)}>"
+
+
+def _linger_close(sock: socket.socket, seconds: float = 0.25, limit: int = 1024 * 1024) -> None:
+    """Close after the peer has had a moment to read our last bytes (a GOAWAY).
+
+    Closing with unread input makes the kernel reset the connection and drop
+    what we sent but the peer has not read yet; so stop writing, read and
+    discard for a moment, then close.
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + seconds
+        drained = 0
+        while drained < limit:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+                break
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except (OSError, ValueError):
+        pass
+    _shutdown(sock)
+    try:
+        sock.close()
+    except OSError:  # Defensive
+        pass
+
+
+def _describe(exc: Exception) -> str:
+    """A protocol error as a sentence: h2's stream errors print as a bare stream id."""
+    if isinstance(exc, h2.exceptions.StreamClosedError):
+        return f"frame on stream {exc.stream_id}, which is closed"
+    if isinstance(exc, h2.exceptions.NoSuchStreamError):
+        return f"frame on stream {exc.stream_id}, which was never opened"
+    return str(exc) or type(exc).__name__
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -205,6 +205,10 @@ def handle_request(stream: Stream, app: WSGIApp, peer: Optional[Tuple[str, int]]
     headers = stream.headers or []
     environ = build_environ(headers, wsgi_input=StreamInput(stream), errors=sys.stderr, peer=peer)
     response = _Response(stream, environ["REQUEST_METHOD"])
+    if stream.cancelled:  # reset while it waited for a thread: nobody wants the answer
+        log.debug("%s %s: cancelled before it started", environ["REQUEST_METHOD"], environ["RAW_URI"])
+        stream.close()
+        return response
     try:
         _run_app(app, environ, response)
     except (StreamReset, ConnectionClosed, ClientDisconnected) as exc:

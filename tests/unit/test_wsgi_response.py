@@ -19,6 +19,7 @@ class FakeStream:
         self.body = [body] if body else []
         self.calls = []
         self.local_ended = False
+        self.cancelled = False
 
     def read(self, size=-1, timeout=None):
         return self.body.pop(0) if self.body else b""
@@ -390,3 +391,18 @@ def test_handle_request_closes_the_app_iterable():
 
     handle_request(FakeStream(request_block()), app)
     assert Body.closed
+
+
+def test_handle_request_skips_the_app_for_a_stream_cancelled_while_it_waited():
+    calls = []
+
+    def app(environ, start_response):
+        calls.append(environ["PATH_INFO"])
+        start_response("200 OK", [])
+        return [b"never sent"]
+
+    stream = FakeStream([(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"http"), (b":authority", b"a")])
+    stream.cancelled = True
+    handle_request(stream, app)
+    assert calls == []
+    assert not any(call[0].startswith("send") for call in stream.calls)
