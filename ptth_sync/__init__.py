@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .backend import Backend, serve_wsgi
 from .errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout, TunnelUnavailable
+from .handshake import HandshakeFailed, HandshakeRefused
 from .router import Router
 
 __version__ = "0.1.0"
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "ConnectionClosed",
+    "HandshakeFailed",
+    "HandshakeRefused",
     "PTTHError",
     "Router",
     "StreamReset",

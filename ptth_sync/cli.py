@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Optional
 
-__all__ = ["add_token_arguments", "configure_logging", "read_token", "reject_token"]
+__all__ = ["add_token_arguments", "configure_logging", "read_token"]
 
 LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
@@ -22,12 +22,6 @@ def configure_logging(level: str = "info") -> None:
         format=LOG_FORMAT,
         datefmt=LOG_DATE_FORMAT,
     )
-
-
-def reject_token(parser: argparse.ArgumentParser, token: Optional[str]) -> None:
-    """Refuse to run without the protection the operator asked for."""
-    if token or os.environ.get("PTTH_TOKEN"):
-        parser.error("the token handshake is not available in this version; refusing to run without it")
 
 
 def add_token_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:

@@ -13,8 +13,11 @@ does not know (``--env``/``raw_env`` work too):
 
 - ``PTTH_CONNECT=HOST:PORT[,HOST:PORT...]``: the routers (default 127.0.0.1:8887);
 - ``PTTH_TUNNELS=N``: connections per router per worker (default 1);
-- ``PTTH_TOKEN``: refused (gunicorn exits 1) until the token handshake exists,
-  so a deployment that asks for it never runs unprotected.
+- ``PTTH_TOKEN`` (or ``PTTH_TOKEN_FILE``): open each tunnel with the PTTH
+  upgrade and this bearer token; a router that refuses it stops gunicorn;
+- ``PTTH_TLS=1``: dial the routers over TLS, verifying their certificates
+  (``PTTH_CAFILE`` for a private CA; ``PTTH_CERTFILE``/``PTTH_KEYFILE`` to
+  present a client certificate for mutual TLS).
 
 gunicorn's own settings keep their meaning: ``threads`` sizes the request pool
 and is advertised to the router as the tunnel's concurrent-stream limit;
@@ -37,6 +40,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -51,6 +55,7 @@ from .addresses import Address, format_address, parse_addresses
 from .backend import Backend
 from .backend.wsgi import handle_request
 from .connection import Stream
+from .tls import client_context
 
 __all__ = ["TunnelRequest", "TunnelWorker", "tunnel_options"]
 
@@ -69,9 +74,6 @@ def tunnel_options(environ: Mapping[str, str]) -> Tuple[List[Address], int]:
     Raises ValueError with a one-line reason for anything the worker must not
     run with, a token above all.
     """
-    if environ.get("PTTH_TOKEN"):
-        msg = "PTTH_TOKEN is set but the token handshake is not available in this version; refusing to run without it"
-        raise ValueError(msg)
     try:
         addresses = parse_addresses(environ.get("PTTH_CONNECT") or DEFAULT_CONNECT)
     except ValueError as exc:
@@ -82,6 +84,35 @@ def tunnel_options(environ: Mapping[str, str]) -> Tuple[List[Address], int]:
         msg = f"PTTH_TUNNELS must be a whole number of at least 1, not {text!r}"
         raise ValueError(msg)
     return addresses, int(text)
+
+
+def tunnel_security(environ: Mapping[str, str]) -> Tuple[Optional[str], Optional[ssl.SSLContext]]:
+    """The token and the TLS context to dial with, from ``PTTH_TOKEN[_FILE]`` and ``PTTH_TLS``/``PTTH_CA...``.
+
+    Raises ValueError with a one-line reason (a token file that cannot be
+    read, a certificate that does not load).
+    """
+    token = environ.get("PTTH_TOKEN") or None
+    token_file = environ.get("PTTH_TOKEN_FILE")
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as file:
+                token = file.readline().strip() or None
+        except OSError as exc:
+            msg = f"PTTH_TOKEN_FILE: cannot read {token_file}: {exc.strerror}"
+            raise ValueError(msg) from None
+        if token is None:
+            msg = f"PTTH_TOKEN_FILE: {token_file} is empty"
+            raise ValueError(msg)
+    context = None
+    if environ.get("PTTH_TLS", "").lower() in ("1", "true", "yes", "on") or environ.get("PTTH_CAFILE"):
+        try:
+            context = client_context(environ.get("PTTH_CAFILE"), environ.get("PTTH_CERTFILE"),
+                                     environ.get("PTTH_KEYFILE"))
+        except (OSError, ssl.SSLError) as exc:
+            msg = f"PTTH_TLS: cannot load the certificates: {exc}"
+            raise ValueError(msg) from None
+    return token, context
 
 
 class TunnelRequest:
@@ -126,6 +157,7 @@ class TunnelWorker(base.Worker):
         """Runs in the master at start: fail fast on bad ``PTTH_*`` settings, explain the bound socket."""
         try:
             addresses, tunnels = tunnel_options({**os.environ, **cfg.env})
+            tunnel_security({**os.environ, **cfg.env})
         except ValueError as exc:
             # gunicorn prints a RuntimeError as one "Error: ..." line and exits 1.
             raise RuntimeError(str(exc)) from None
@@ -151,6 +183,7 @@ class TunnelWorker(base.Worker):
     def init_process(self) -> None:
         try:
             self.addresses, self.tunnels = tunnel_options({**os.environ, **self.cfg.env})
+            self.token, self.ssl_context = tunnel_security({**os.environ, **self.cfg.env})
         except ValueError as exc:  # the environment changed since check_config (SIGHUP)
             self.log.error("%s", exc)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
@@ -172,7 +205,7 @@ class TunnelWorker(base.Worker):
     def run(self) -> None:
         self.backend = Backend(
             self.addresses, self.wsgi, threads=self.cfg.threads, tunnels=self.tunnels,
-            request_handler=self.handle_stream,
+            token=self.token, ssl_context=self.ssl_context, request_handler=self.handle_stream,
         )
         for listener in self.sockets:
             listener.setblocking(False)
@@ -184,6 +217,10 @@ class TunnelWorker(base.Worker):
             self.notify()
             if not self.is_parent_alive():
                 break
+            if self.backend.refused is not None:
+                # A refusal is final: a boot error makes gunicorn stop with its reason.
+                self.log.error("%s", self.backend.refused)
+                sys.exit(Arbiter.WORKER_BOOT_ERROR)
             readable, _, _ = select.select(watched, [], [], self._interval())
             for ready in readable:
                 if ready == self.PIPE[0]:

@@ -9,10 +9,12 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..addresses import Address, AddressLike, format_address, parse_addresses
 from ..connection import Connection, ConnectionSettings, Stream
+from ..handshake import HandshakeFailed, HandshakeRefused, dial_upgrade
+from ..tls import TLSChannel
 from .pool import ThreadPool
 from .wsgi import WSGIApp, handle_request
 
@@ -57,9 +59,6 @@ class Backend:
         connect_timeout: float = 10.0,
         request_handler: Optional[Callable[[Stream], object]] = None,
     ) -> None:
-        if token is not None:
-            msg = "the token handshake is not available in this version"
-            raise NotImplementedError(msg)
         if tunnels < 1:
             msg = "tunnels must be at least 1"
             raise ValueError(msg)
@@ -67,8 +66,12 @@ class Backend:
         self.app = app
         self.threads = threads
         self.tunnels = tunnels
+        self.token = token or None
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
+        #: Set when a router refused us (bad token): the backend stops, never retries.
+        self.refused: Optional[HandshakeRefused] = None
+        self._refused_event = threading.Event()
         self.request_handler = request_handler or self._handle_request
         self.settings = ConnectionSettings(max_concurrent_streams=threads)
         self._pool = ThreadPool(threads)
@@ -160,8 +163,14 @@ class Backend:
         while not self._stopping.is_set():
             started = time.monotonic()
             try:
-                sock = self._dial(address)
-            except OSError as exc:
+                sock, initial_data = self._dial(address)
+            except HandshakeRefused as exc:
+                log.error("Router at %s refused the tunnel: %s %s", name, exc.status, exc.reason)
+                self.refused = exc
+                self._stopping.set()
+                self._refused_event.set()
+                return
+            except (OSError, HandshakeFailed) as exc:
                 delay = self._backoff(attempt)
                 attempt += 1
                 log.warning("Connecting to %s failed: %s; retrying in %.1fs (attempt %d)", name, exc, delay, attempt)
@@ -173,6 +182,7 @@ class Backend:
                 settings=self.settings,
                 on_request=self._on_request,
                 name=name,
+                initial_data=initial_data,
             )
             with self._lock:
                 if self._stopping.is_set():  # stop() began while we were dialling
@@ -194,16 +204,26 @@ class Backend:
             log.warning("Tunnel to %s lost: %s; reconnecting in %.1fs", name, connection.close_reason, delay)
             self._stopping.wait(delay)
 
-    def _dial(self, address: Address) -> socket.socket:
+    def _dial(self, address: Address) -> Tuple[Any, bytes]:
+        """Connect, wrap in TLS and upgrade as configured; the socket and bytes already read."""
         sock = socket.create_connection(address, timeout=self.connect_timeout)
         try:
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_hostname=address[0])
             sock.settimeout(None)
-        except (OSError, ssl.SSLError):
+            channel: Any = sock
+            if self.ssl_context is not None:
+                channel = TLSChannel(sock, self.ssl_context, server_side=False, server_hostname=address[0])
+                channel.do_handshake(self.connect_timeout)
+            initial_data = b""
+            if self.token is not None:
+                initial_data = dial_upgrade(channel, format_address(address), self.token, timeout=self.connect_timeout)
+        except BaseException:
             sock.close()
             raise
-        return sock
+        return channel, initial_data
+
+    def wait_refused(self, timeout: Optional[float] = None) -> bool:
+        """Block until a router refuses this backend (True) or ``timeout`` passes (False)."""
+        return self._refused_event.wait(timeout)
 
     def _backoff(self, attempt: int) -> float:
         """Capped exponential backoff with equal jitter."""
@@ -231,6 +251,8 @@ def serve_wsgi(
 
     Called from the main thread, it returns after SIGTERM (requests in flight
     finish, for at most ``graceful_timeout`` seconds) or SIGINT (at once).
+    Raises :class:`~ptth_sync.handshake.HandshakeRefused` when a router
+    refuses the ``token``; every other failure is retried with backoff.
     """
     backend = Backend(addr, app, threads=threads, tunnels=tunnels, token=token, ssl_context=ssl_context)
     stop = threading.Event()
@@ -247,8 +269,9 @@ def serve_wsgi(
             previous[signum] = signal.signal(signum, on_signal)
     backend.start()
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.2):
+            if backend.refused is not None:
+                break
     except KeyboardInterrupt:
         pass
     finally:
@@ -259,3 +282,5 @@ def serve_wsgi(
             backend.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if backend.refused is not None:
+        raise backend.refused

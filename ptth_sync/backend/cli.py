@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import sys
 from typing import List, Optional
 
@@ -11,7 +12,9 @@ from gunicorn.errors import AppImportError
 from gunicorn.util import import_app
 
 from ..addresses import parse_addresses
-from ..cli import configure_logging, positive_float, positive_int, reject_token
+from ..cli import add_token_arguments, configure_logging, positive_float, positive_int, read_token
+from ..handshake import HandshakeRefused
+from ..tls import client_context
 from . import serve_wsgi
 
 log = logging.getLogger("ptth_sync.backend")
@@ -31,7 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connections kept to each router (default: %(default)s)")
     parser.add_argument("--graceful-timeout", type=positive_float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
-    parser.add_argument("--token", default=None, help="shared secret for the router (env PTTH_TOKEN)")
+    add_token_arguments(parser, "shared secret to present to the router")
+    parser.add_argument("--tls", action="store_true",
+                        help="dial the router over TLS, verifying its certificate and name")
+    parser.add_argument("--cafile", default=None, metavar="FILE",
+                        help="trust these CAs for the router's certificate (implies --tls)")
+    parser.add_argument("--certfile", default=None, metavar="FILE",
+                        help="mutual TLS: present this client certificate (chain) in PEM (implies --tls)")
+    parser.add_argument("--keyfile", default=None, metavar="FILE", help="the private key for --certfile")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="(default: %(default)s)")
     return parser
@@ -40,8 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reject_token(parser, args.token)
+    token = read_token(parser, args)
     configure_logging(args.log_level)
+    context = None
+    if args.tls or args.cafile or args.certfile:
+        try:
+            context = client_context(args.cafile, args.certfile, args.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"cannot load the TLS certificates: {exc}")
     try:
         addresses = parse_addresses(args.connect)
     except ValueError as exc:
@@ -53,6 +69,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (AppImportError, ImportError) as exc:
         log.error("Cannot load %s: %s", args.app, exc)
         return 1
-    serve_wsgi(addresses, app, threads=args.threads, tunnels=args.tunnels, graceful_timeout=args.graceful_timeout)
+    try:
+        serve_wsgi(addresses, app, threads=args.threads, tunnels=args.tunnels, token=token, ssl_context=context,
+                   graceful_timeout=args.graceful_timeout)
+    except HandshakeRefused:
+        return 1  # the reason is logged already, on one line
     return 0
 

@@ -322,8 +322,14 @@ def test_bound_socket_answers_health_checks_with_the_tunnel_status(router_proces
     assert body.endswith(b": 0 of 1 tunnels up\n")
 
 
-def test_ptth_token_is_refused_with_one_line_and_exit_status_1(processes, tmp_path):
-    server = start_gunicorn(processes, None, tmp_path, env={"PTTH_TOKEN": "secret"})
-    assert server.wait(15) == 1
-    server.wait_for_line(r"^Error: PTTH_TOKEN is set but the token handshake is not available")
-    assert "Booting worker" not in server.output()
+def test_a_worker_with_the_right_token_serves_and_a_wrong_one_stops_gunicorn(processes, router_process, tmp_path):
+    router = router_process("--token", "s3cret")
+    good = start_gunicorn(processes, router, tmp_path, env={"PTTH_TOKEN": "s3cret"})
+    wait_tunnels(router, good, 1)
+    assert fetch(router, "/foo") == (200, b"bar")
+    bad = start_gunicorn(processes, router, tmp_path, "--workers", "1", env={"PTTH_TOKEN": "guess"})
+    assert bad.wait(30) != 0
+    bad.wait_for_line(r"Router at .* refused the tunnel: 401")
+    assert "guess" not in bad.output()
+    assert "s3cret" not in router.output()
+    router.wait_for_line(r"Tunnel from .* refused: wrong or missing token")

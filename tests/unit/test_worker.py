@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 from gunicorn.config import Config
 
-from ptth_sync.worker import TunnelRequest, TunnelWorker, tunnel_options
+from ptth_sync.worker import TunnelRequest, TunnelWorker, tunnel_options, tunnel_security
 from tests import apps
 from tests.unit.test_wsgi_response import FakeStream
 
@@ -42,7 +42,6 @@ def test_tunnel_options_reads_connect_and_tunnels():
 @pytest.mark.parametrize(
     ("environ", "reason"),
     [
-        ({"PTTH_TOKEN": "secret"}, "PTTH_TOKEN is set but the token handshake is not available"),
         ({"PTTH_CONNECT": "nowhere"}, "PTTH_CONNECT: not a HOST:PORT address"),
         ({"PTTH_TUNNELS": "0"}, "PTTH_TUNNELS must be a whole number of at least 1"),
         ({"PTTH_TUNNELS": "two"}, "PTTH_TUNNELS must be a whole number of at least 1"),
@@ -53,10 +52,21 @@ def test_tunnel_options_refuses(environ, reason):
         tunnel_options(environ)
 
 
-def test_check_config_turns_a_refusal_into_gunicorns_fatal_error(monkeypatch):
-    monkeypatch.setenv("PTTH_TOKEN", "secret")
-    with pytest.raises(RuntimeError, match="refusing to run without it"):
+def test_check_config_turns_a_refusal_into_gunicorns_fatal_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PTTH_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match="PTTH_TOKEN_FILE: cannot read"):
         TunnelWorker.check_config(Config(), mock.Mock())
+
+
+def test_tunnel_security_reads_the_token_and_tls_settings(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file\n")
+    assert tunnel_security({}) == (None, None)
+    assert tunnel_security({"PTTH_TOKEN": "t"})[0] == "t"
+    assert tunnel_security({"PTTH_TOKEN": "t", "PTTH_TOKEN_FILE": str(token_file)})[0] == "from-a-file"
+    _, context = tunnel_security({"PTTH_TLS": "1"})
+    assert context is not None
+    assert context.check_hostname
 
 
 def test_check_config_explains_the_bound_socket(monkeypatch):
