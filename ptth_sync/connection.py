@@ -138,7 +138,7 @@ class ConnectionSettings:
     """Tunables of one connection; the defaults suit a tunnel on a LAN."""
 
     #: Per-stream receive window: how much one stream may buffer unread.
-    stream_window: int = 2 * 1024 * 1024
+    stream_window: int = 4 * 1024 * 1024
     #: Largest DATA frame we accept (and the peer may send).
     max_frame_size: int = 1024 * 1024
     #: Streams the peer may open at once (meaningful for the server role).

@@ -58,6 +58,8 @@ class Backend:
         ssl_context: Optional[ssl.SSLContext] = None,
         connect_timeout: float = 10.0,
         request_handler: Optional[Callable[[Stream], object]] = None,
+        ping_interval: float = ConnectionSettings.ping_interval,
+        ping_timeout: float = ConnectionSettings.ping_timeout,
     ) -> None:
         if tunnels < 1:
             msg = "tunnels must be at least 1"
@@ -73,7 +75,9 @@ class Backend:
         self.refused: Optional[HandshakeRefused] = None
         self._refused_event = threading.Event()
         self.request_handler = request_handler or self._handle_request
-        self.settings = ConnectionSettings(max_concurrent_streams=threads)
+        self.settings = ConnectionSettings(
+            max_concurrent_streams=threads, ping_interval=ping_interval, ping_timeout=ping_timeout
+        )
         self._pool = ThreadPool(threads)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -246,15 +250,18 @@ def serve_wsgi(
     token: Optional[str] = None,
     ssl_context: Optional[ssl.SSLContext] = None,
     graceful_timeout: float = 30.0,
+    **options: Any,
 ) -> None:
     """Dial the router(s) at ``addr`` and serve ``app`` through the tunnels. Blocks.
+
+    ``options`` go to :class:`Backend` (``ping_interval``, ``ping_timeout``, ``connect_timeout``).
 
     Called from the main thread, it returns after SIGTERM (requests in flight
     finish, for at most ``graceful_timeout`` seconds) or SIGINT (at once).
     Raises :class:`~ptth_sync.handshake.HandshakeRefused` when a router
     refuses the ``token``; every other failure is retried with backoff.
     """
-    backend = Backend(addr, app, threads=threads, tunnels=tunnels, token=token, ssl_context=ssl_context)
+    backend = Backend(addr, app, threads=threads, tunnels=tunnels, token=token, ssl_context=ssl_context, **options)
     stop = threading.Event()
     graceful = {"value": False}
     previous = {}

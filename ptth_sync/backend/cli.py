@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connections kept to each router (default: %(default)s)")
     parser.add_argument("--graceful-timeout", type=positive_float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
+    parser.add_argument("--ping-interval", type=positive_float, default=15.0, metavar="SECONDS",
+                        help="PING the router after this long without traffic; 0 never (default: %(default)s)")
+    parser.add_argument("--ping-timeout", type=positive_float, default=10.0, metavar="SECONDS",
+                        help="redial when a PING goes unanswered this long (default: %(default)s)")
     add_token_arguments(parser, "shared secret to present to the router")
     parser.add_argument("--tls", action="store_true",
                         help="dial the router over TLS, verifying its certificate and name")
@@ -71,7 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     try:
         serve_wsgi(addresses, app, threads=args.threads, tunnels=args.tunnels, token=token, ssl_context=context,
-                   graceful_timeout=args.graceful_timeout)
+                   graceful_timeout=args.graceful_timeout, ping_interval=args.ping_interval,
+                   ping_timeout=args.ping_timeout)
     except HandshakeRefused:
         return 1  # the reason is logged already, on one line
     return 0

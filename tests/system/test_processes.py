@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import select
 import signal
 import socket
@@ -221,4 +222,20 @@ def test_a_client_trickling_its_request_head_is_disconnected(router_process, bac
         assert closed
         assert time.monotonic() - started < 4
     router.wait_for_line(r"Closing connection from 127\.0\.0\.1: request head not received within 1s")
+    assert get(router.url, "/foo").read() == b"bar"
+
+
+def test_a_backend_whose_router_froze_redials_after_an_unanswered_ping(router_process, backend_process):
+    router = router_process()
+    backend = backend_process("tests.apps:hello", router.tunnel_address, "--ping-interval", "0.5",
+                              "--ping-timeout", "1")
+    router.wait_tunnels(1)
+    worker = wait_until(lambda: children(router.pid), what="the router's worker process")[0]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        backend.wait_for_line(r"Tunnel to .* lost: no answer to PING within 1s", timeout=10)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    backend.wait_for_line(r"Tunnel to .* established", start=2)
+    router.wait_tunnels(1)
     assert get(router.url, "/foo").read() == b"bar"
