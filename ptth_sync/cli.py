@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Optional
 
-__all__ = ["add_token_arguments", "configure_logging", "read_token"]
+__all__ = ["add_lifecycle_arguments", "add_token_arguments", "configure_logging", "read_token"]
 
 LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
@@ -22,6 +22,16 @@ def configure_logging(level: str = "info") -> None:
         format=LOG_FORMAT,
         datefmt=LOG_DATE_FORMAT,
     )
+
+
+def add_lifecycle_arguments(parser: argparse.ArgumentParser, on_dead_peer: str) -> None:
+    """--graceful-timeout, --ping-interval and --ping-timeout, as both programs take them."""
+    parser.add_argument("--graceful-timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
+    parser.add_argument("--ping-interval", type=positive_float, default=15.0, metavar="SECONDS",
+                        help="PING a tunnel after this long without traffic; 0 never (default: %(default)s)")
+    parser.add_argument("--ping-timeout", type=positive_float, default=10.0, metavar="SECONDS",
+                        help=f"{on_dead_peer} when a PING goes unanswered this long (default: %(default)s)")
 
 
 def add_token_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:

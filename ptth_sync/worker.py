@@ -49,12 +49,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gunicorn import SERVER_SOFTWARE
 from gunicorn.arbiter import Arbiter
-from gunicorn.workers import base
 
 from .addresses import Address, format_address, parse_addresses
 from .backend import Backend
 from .backend.wsgi import handle_request
 from .connection import Stream
+from .gunicorn_base import ThreadedWorker
 from .tls import client_context
 
 __all__ = ["TunnelRequest", "TunnelWorker", "tunnel_options"]
@@ -149,7 +149,7 @@ class TunnelRequest:
         return f"<TunnelRequest {self.method} {self.uri}>"
 
 
-class TunnelWorker(base.Worker):
+class TunnelWorker(ThreadedWorker):
     """gunicorn worker that serves the application through reverse tunnels."""
 
     @classmethod
@@ -224,7 +224,7 @@ class TunnelWorker(base.Worker):
             readable, _, _ = select.select(watched, [], [], self._interval())
             for ready in readable:
                 if ready == self.PIPE[0]:
-                    self._drain_pipe()
+                    self.drain_pipe()
                 else:
                     self._accept_health_check(ready)
         self._stop_gracefully()
@@ -233,24 +233,8 @@ class TunnelWorker(base.Worker):
         # self.timeout is half of --timeout (the arbiter passes it so); 0 disables it.
         return min(1.0, self.timeout) if self.timeout else 1.0
 
-    def is_parent_alive(self) -> bool:
-        if self.ppid != os.getppid():
-            self.log.info("Parent changed, shutting down: %s", self)
-            return False
-        return True
 
-    def _wake(self) -> None:
-        try:
-            os.write(self.PIPE[1], b".")
-        except OSError:  # the pipe is full: the loop wakes anyway
-            pass
 
-    def _drain_pipe(self) -> None:
-        try:
-            while os.read(self.PIPE[0], 4096):
-                pass
-        except OSError:  # the non-blocking pipe is empty
-            return
 
     def _stop_gracefully(self) -> None:
         """Drain every tunnel (no new streams, in-flight ones finish) for at most ``graceful_timeout``.
@@ -314,7 +298,7 @@ class TunnelWorker(base.Worker):
                 return
             self.alive = False
         self.log.info("Autorestarting worker after current request.")
-        self._wake()
+        self.wake()
 
     # -- health checks on gunicorn's listening socket ------------------------------
 

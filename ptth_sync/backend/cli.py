@@ -12,7 +12,7 @@ from gunicorn.errors import AppImportError
 from gunicorn.util import import_app
 
 from ..addresses import parse_addresses
-from ..cli import add_token_arguments, configure_logging, positive_float, positive_int, read_token
+from ..cli import add_lifecycle_arguments, add_token_arguments, configure_logging, positive_int, read_token
 from ..handshake import HandshakeRefused
 from ..tls import client_context
 from . import serve_wsgi
@@ -32,12 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests served at once per process (default: %(default)s)")
     parser.add_argument("--tunnels", type=positive_int, default=1, metavar="N",
                         help="connections kept to each router (default: %(default)s)")
-    parser.add_argument("--graceful-timeout", type=positive_float, default=30.0, metavar="SECONDS",
-                        help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
-    parser.add_argument("--ping-interval", type=positive_float, default=15.0, metavar="SECONDS",
-                        help="PING the router after this long without traffic; 0 never (default: %(default)s)")
-    parser.add_argument("--ping-timeout", type=positive_float, default=10.0, metavar="SECONDS",
-                        help="redial when a PING goes unanswered this long (default: %(default)s)")
+    add_lifecycle_arguments(parser, "redial")
     add_token_arguments(parser, "shared secret to present to the router")
     parser.add_argument("--tls", action="store_true",
                         help="dial the router over TLS, verifying its certificate and name")

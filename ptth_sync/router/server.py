@@ -19,7 +19,14 @@ from typing import Any, Dict, List, Optional
 from gunicorn.app.base import BaseApplication
 
 from ..addresses import format_address, parse_address
-from ..cli import add_token_arguments, configure_logging, positive_float, positive_int, read_token
+from ..cli import (
+    add_lifecycle_arguments,
+    add_token_arguments,
+    configure_logging,
+    positive_float,
+    positive_int,
+    read_token,
+)
 from ..connection import ConnectionSettings
 from ..tls import server_context
 from .app import Router
@@ -45,16 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for a backend's response: 504 after (default: %(default)s)")
     parser.add_argument("--tunnel-wait", type=positive_float, default=0.0, metavar="SECONDS",
                         help="how long a request waits for a tunnel to appear: 503 after (default: %(default)s)")
-    parser.add_argument("--graceful-timeout", type=positive_float, default=30.0, metavar="SECONDS",
-                        help="on SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
     parser.add_argument("--header-timeout", type=positive_float, default=10.0, metavar="SECONDS",
                         help="how long a client may take to send a request's line and headers (default: %(default)s)")
     parser.add_argument("--max-body-size", type=positive_int, default=None, metavar="BYTES",
                         help="largest request body forwarded; larger ones get 413 (default: no limit)")
-    parser.add_argument("--ping-interval", type=positive_float, default=15.0, metavar="SECONDS",
-                        help="PING a tunnel after this long without traffic; 0 never (default: %(default)s)")
-    parser.add_argument("--ping-timeout", type=positive_float, default=10.0, metavar="SECONDS",
-                        help="drop a tunnel whose PING goes unanswered this long (default: %(default)s)")
+    add_lifecycle_arguments(parser, "drop the tunnel")
     add_token_arguments(parser, "shared secret every backend must present to open a tunnel")
     parser.add_argument("--certfile", default=None, metavar="FILE",
                         help="serve tunnels over TLS with this certificate (chain) in PEM")

@@ -34,8 +34,8 @@ from typing import Any, Callable, Optional, Set
 
 from gunicorn import http, sock, util
 from gunicorn.http import wsgi
-from gunicorn.workers import base
 
+from ..gunicorn_base import ThreadedWorker
 from .app import TunnelBroken
 
 __all__ = ["RouterWorker"]
@@ -115,7 +115,7 @@ class _ClientSocket:
         return getattr(self._sock, name)
 
 
-class RouterWorker(base.Worker):
+class RouterWorker(ThreadedWorker):
     """gunicorn worker serving each client connection on a thread of its own."""
 
     #: Seconds a client has to send a whole request head (line and headers).
@@ -146,23 +146,12 @@ class RouterWorker(base.Worker):
                 continue
             for ready in readable:
                 if ready is self.PIPE[0]:
-                    self._drain_pipe()
+                    self.drain_pipe()
                 else:
                     self._accept(ready)
         self._stop_gracefully()
 
-    def is_parent_alive(self) -> bool:
-        if self.ppid != os.getppid():
-            self.log.info("Parent changed, shutting down: %s", self)
-            return False
-        return True
 
-    def _drain_pipe(self) -> None:
-        try:
-            while os.read(self.PIPE[0], 4096):
-                pass
-        except OSError:  # the non-blocking pipe is empty
-            return
 
     def _accept(self, listener: Any) -> None:
         try:
@@ -234,10 +223,7 @@ class RouterWorker(base.Worker):
             with self._lock:
                 self._connections -= 1
                 self._closed.notify_all()
-            try:  # a slot freed up: wake the main loop in case it stopped accepting
-                os.write(self.PIPE[1], b".")
-            except OSError:
-                pass
+            self.wake()  # a slot freed up: the main loop may have stopped accepting
 
     def _wait_for_next_request(self, raw: socket.socket, parser: Any) -> bool:
         """Wait up to ``keepalive`` seconds for the next request; False to close the connection."""

@@ -1,0 +1,38 @@
+"""What both of our gunicorn workers need beyond ``gunicorn.workers.base.Worker``."""
+
+from __future__ import annotations
+
+import os
+
+from gunicorn.workers import base
+
+__all__ = ["ThreadedWorker"]
+
+
+class ThreadedWorker(base.Worker):
+    """A worker whose main loop waits on ``self.PIPE`` while threads do the work.
+
+    gunicorn's base class writes to the pipe on every signal; threads write to
+    it to wake the loop (:meth:`wake`).
+    """
+
+    def is_parent_alive(self) -> bool:
+        """False once the arbiter is gone (the built-in workers check this every loop)."""
+        if self.ppid != os.getppid():
+            self.log.info("Parent changed, shutting down: %s", self)
+            return False
+        return True
+
+    def wake(self) -> None:
+        """Make the main loop's next wait return at once."""
+        try:
+            os.write(self.PIPE[1], b".")
+        except OSError:  # the pipe is full: the loop wakes anyway
+            pass
+
+    def drain_pipe(self) -> None:
+        try:
+            while os.read(self.PIPE[0], 4096):
+                pass
+        except OSError:  # the non-blocking pipe is empty
+            return
