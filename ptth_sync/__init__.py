@@ -8,7 +8,7 @@ tunnels.
 from __future__ import annotations
 
 from .backend import Backend, serve_wsgi
-from .errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout, TunnelUnavailable
+from .errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout
 from .handshake import HandshakeFailed, HandshakeRefused
 from .router import Router
 
@@ -23,7 +23,6 @@ __all__ = [
     "Router",
     "StreamReset",
     "StreamTimeout",
-    "TunnelUnavailable",
     "__version__",
     "serve_wsgi",
 ]

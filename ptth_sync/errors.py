@@ -11,7 +11,6 @@ __all__ = [
     "PTTHError",
     "StreamReset",
     "StreamTimeout",
-    "TunnelUnavailable",
 ]
 
 
@@ -46,7 +45,3 @@ class StreamReset(PTTHError):
 
 class StreamTimeout(PTTHError, TimeoutError):
     """Waiting on a stream (for headers, data or window) took too long."""
-
-
-class TunnelUnavailable(PTTHError):
-    """No live tunnel could take the request."""

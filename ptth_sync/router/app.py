@@ -211,6 +211,8 @@ class Router:
         target = headers[3][1].decode("latin-1")
         body = _RequestBody(environ, self.max_body_size)
         if body.too_large:
+            log.info("%s %s: 413, a body of %s bytes over the limit of %d", method, target, body.length,
+                     self.max_body_size)
             return _too_large(start_response, self.max_body_size)
         tried: List[Connection] = []
         while True:
@@ -222,6 +224,8 @@ class Router:
             limit = tunnel.peer_max_header_list_size
             if limit is not None and header_list_size(headers) > limit:
                 # Sent anyway, the backend's h2 would fail the whole tunnel.
+                log.info("%s %s: 431, headers of %d bytes over the backend's %d", method, target,
+                         header_list_size(headers), limit)
                 return _error(start_response, 431, "Request Header Fields Too Large",
                               f"the request's headers exceed the backend's limit of {limit} bytes")
             try:
