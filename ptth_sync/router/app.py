@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -17,6 +18,7 @@ from ..errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout
 from ..handshake import HandshakeFailed, HandshakeRefused, accept_upgrade
 from ..headers import InvalidHeader, header_list_size, request_headers, response_headers, response_status
 from ..tls import TLSChannel
+from .fleet import WorkerFleet
 from .pool import TunnelPool
 
 __all__ = ["Router"]
@@ -71,6 +73,8 @@ class Router:
         self.max_body_size = max_body_size
         self.settings = settings
         self.pool = TunnelPool()
+        #: Set when several router processes share the listeners (see fleet.py).
+        self.fleet: Optional[WorkerFleet] = None
         self._listeners: List[socket.socket] = []
         self._connections: Dict[int, Connection] = {}
         self._lock = threading.Lock()
@@ -131,6 +135,10 @@ class Router:
         connection.start()
         return connection
 
+    def takes_clients(self) -> bool:
+        """Whether this process should take public connections now (always, unless in a fleet)."""
+        return self.fleet is None or len(self.pool) > 0 or self.fleet.total() == 0
+
     def close(self) -> None:
         """Stop accepting tunnels and close every tunnel."""
         with self._lock:
@@ -149,9 +157,16 @@ class Router:
             connection.wait_closed(2.0)
 
     def _accept_loop(self, listener: socket.socket) -> None:
+        if self.fleet is not None:
+            listener.setblocking(False)  # several processes accept on it
         while True:
             try:
+                if self.fleet is not None:
+                    self._wait_for_my_turn(listener)
                 sock, _ = listener.accept()
+                sock.setblocking(True)
+            except BlockingIOError:
+                continue  # another worker took it
             except OSError:
                 if self._closed or listener.fileno() < 0:
                     return
@@ -161,12 +176,33 @@ class Router:
             if self._closed:
                 sock.close()
                 return
+            if self.fleet is not None:
+                self.fleet.tunnel_added()  # counted from now, so the next one goes elsewhere
             # The opening (plain wire or PTTH upgrade) has a deadline, and a slow
             # or silent peer must not hold up the next one: a thread each.
             threading.Thread(target=self._open_tunnel, args=(sock,), name="ptth-handshake", daemon=True).start()
 
+    def _wait_for_my_turn(self, listener: socket.socket) -> None:
+        """Wait until a tunnel is waiting and this worker should take it (the least loaded)."""
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        while not self._closed:
+            if not poller.poll(1000):
+                continue
+            if self.fleet is None or self.fleet.least_loaded():
+                return
+            # A less loaded worker takes it; if none has within a moment, we do.
+            time.sleep(0.05)
+            if poller.poll(0):
+                return
+
     def _open_tunnel(self, sock: socket.socket) -> None:
         peer = _peer(sock)
+        if not self._open_and_add(sock, peer) and self.fleet is not None:
+            self.fleet.tunnel_removed()
+
+    def _open_and_add(self, sock: socket.socket, peer: str) -> bool:
+        """Handshake and start the tunnel; False when it never became a connection."""
         try:
             if self.ssl_context is not None:
                 channel = TLSChannel(sock, self.ssl_context, server_side=True)
@@ -175,18 +211,19 @@ class Router:
                 except (ssl.SSLError, OSError) as exc:
                     log.warning("Tunnel from %s failed the TLS handshake: %s", peer, exc)
                     sock.close()
-                    return
+                    return False
                 sock = channel  # type: ignore[assignment]
             initial_data, _origin = accept_upgrade(sock, self.token, self.handshake_timeout)  # origins: later
             self.add_tunnel(sock, initial_data)
+            return True
         except HandshakeRefused as exc:
             log.warning("Tunnel from %s refused: %s", peer, exc.reason)
-            sock.close()
         except (HandshakeFailed, OSError) as exc:
             log.warning("Tunnel from %s failed to open: %s", peer, exc)
-            sock.close()
         except ConnectionClosed:
-            sock.close()  # the router closed meanwhile
+            pass  # the router closed meanwhile
+        sock.close()
+        return False
 
     def _tunnel_ready(self, connection: Connection) -> None:
         self.pool.add(connection)
@@ -195,6 +232,8 @@ class Router:
     def _tunnel_closed(self, connection: Connection, reason: str) -> None:
         with self._lock:
             self._connections.pop(id(connection), None)
+        if self.fleet is not None:
+            self.fleet.tunnel_removed()
         if self.pool.remove(connection):
             log.info("Tunnel removed: %s: %s", connection.name, reason)
         else:

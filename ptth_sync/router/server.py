@@ -30,6 +30,7 @@ from ..cli import (
 from ..connection import ConnectionSettings
 from ..tls import server_context
 from .app import Router
+from .fleet import WorkerFleet
 from .worker import RouterWorker
 
 log = logging.getLogger("ptth_sync.router")
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where backends dial in (default: %(default)s)")
     parser.add_argument("--http", default="127.0.0.1:8888", metavar="HOST:PORT",
                         help="where HTTP clients connect (default: %(default)s)")
+    parser.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                        help="router processes; each needs tunnels of its own, so give backends "
+                             "--tunnels N or more (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=1000, metavar="N",
                         help="client connections served at once, each on a thread (default: %(default)s)")
     parser.add_argument("--keep-alive", type=positive_float, default=5.0, metavar="SECONDS",
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class RouterServer(BaseApplication):  # type: ignore[misc]
-    """gunicorn with one worker process serving a :class:`Router`."""
+    """gunicorn with one or more worker processes serving a :class:`Router`."""
 
     def __init__(self, router: Router, tunnel_listener: socket.socket, options: Dict[str, Any]) -> None:
         self.router = router
@@ -100,6 +104,8 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
 
     def _post_worker_init(self, worker: Any) -> None:
         # Threads do not survive fork: accept tunnels only in the worker.
+        if self.router.fleet is not None:
+            self.router.fleet.join()
         self.router.serve_tunnels(self.tunnel_listener)
 
     def _worker_exit(self, server: Any, worker: Any) -> None:
@@ -129,6 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = ConnectionSettings(ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
     router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait, settings=settings,
                     max_body_size=args.max_body_size, token=token, ssl_context=tunnel_tls)
+    if args.workers > 1:
+        router.fleet = WorkerFleet(slots=2 * args.workers)  # before the fork: shared
     try:
         listener = Router.bind_tunnels(tunnel_address)
     except OSError as exc:
@@ -141,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     format_address(tunnel_address))
     options = {
         "bind": [format_address(http_address)],
-        "workers": 1,
+        "workers": args.workers,
         "worker_class": type("RouterWorker", (RouterWorker,), {"header_timeout": args.header_timeout}),
         "threads": args.threads,
         "keepalive": max(int(args.keep_alive), 1),

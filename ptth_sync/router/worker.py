@@ -139,9 +139,11 @@ class RouterWorker(ThreadedWorker):
                 break
             with self._lock:
                 full = self._connections >= self.cfg.threads
-            watched = [self.PIPE[0]] if full else [*self.sockets, self.PIPE[0]]
+            # In a fleet of router processes, one without a tunnel leaves clients to the others.
+            taking = not full and self.wsgi.takes_clients()
+            watched = [*self.sockets, self.PIPE[0]] if taking else [self.PIPE[0]]
             try:
-                readable, _, _ = select.select(watched, [], [], interval)
+                readable, _, _ = select.select(watched, [], [], interval if taking else min(interval, 0.1))
             except InterruptedError:
                 continue
             for ready in readable:
@@ -154,6 +156,8 @@ class RouterWorker(ThreadedWorker):
 
 
     def _accept(self, listener: Any) -> None:
+        if not self.wsgi.takes_clients():
+            return  # the tunnels went elsewhere since select() woke us: let a process with one take it
         try:
             client, addr = listener.accept()
         except OSError as exc:
@@ -262,7 +266,9 @@ class RouterWorker(ThreadedWorker):
             if self.nr >= self.max_requests and self.alive:
                 self.log.info("Autorestarting worker after current request.")
                 self.alive = False
-            if not self.alive or not self.cfg.keepalive:
+            if not self.alive or not self.cfg.keepalive or not self.wsgi.takes_clients():
+                # (A router process with no tunnel among others that have some
+                # answers, then lets the client reconnect to one of them.)
                 resp.force_close()
             respiter = self.wsgi(environ, resp.start_response)
             try:

@@ -1,0 +1,79 @@
+"""Several router processes (--workers N) sharing the listeners, each with tunnels of its own."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import threading
+from typing import Dict, List, Set
+from urllib.parse import urlsplit
+
+from tests.conftest import wait_until
+
+
+def tunnel_owners(router) -> Dict[int, int]:
+    """Router worker pid -> tunnels it holds, from the log lines' pid prefix."""
+    owners: Dict[int, int] = {}
+    for line in router.lines:
+        match = re.search(r"\[(\d+)\] \[INFO\] Tunnel (added|removed)", line)
+        if match:
+            pid = int(match.group(1))
+            owners[pid] = owners.get(pid, 0) + (1 if match.group(2) == "added" else -1)
+    return owners
+
+
+def hammer(url: str, clients: int, each: int) -> List[object]:
+    """``clients`` keep-alive connections sending ``each`` requests; the outcomes."""
+    parts = urlsplit(url)
+    outcomes: List[object] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        for _ in range(each):
+            try:
+                conn.request("GET", "/foo")
+                response = conn.getresponse()
+                outcome: object = (response.status, response.read())
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = repr(exc)
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+            with lock:
+                outcomes.append(outcome)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return outcomes
+
+
+def test_tunnels_are_spread_over_the_router_processes(router_process, backend_process):
+    router = router_process("--workers", "2")
+    backend_process("tests.apps:hello", router.tunnel_address, "--tunnels", "4")
+    router.wait_tunnels(4)
+    owners = tunnel_owners(router)
+    assert sorted(owners.values()) == [2, 2], owners
+    assert hammer(router.url, clients=8, each=25) == [(200, b"bar")] * 200
+
+
+def test_a_router_process_without_a_tunnel_leaves_clients_to_the_others(router_process, backend_process):
+    router = router_process("--workers", "3")
+    backend_process("tests.apps:hello", router.tunnel_address, "--tunnels", "1")
+    router.wait_tunnels(1)
+    # 12 connections, 5 requests each: every one lands on the one process that has the tunnel.
+    assert hammer(router.url, clients=12, each=5) == [(200, b"bar")] * 60
+
+
+def test_tunnels_rebalance_onto_processes_as_backends_come_and_go(router_process, backend_process):
+    router = router_process("--workers", "2")
+    first = backend_process("tests.apps:hello", router.tunnel_address, "--tunnels", "2")
+    router.wait_tunnels(2)
+    first.stop()
+    wait_until(lambda: sum(tunnel_owners(router).values()) == 0, what="the tunnels to go")
+    backend_process("tests.apps:hello", router.tunnel_address, "--tunnels", "2")
+    router.wait_tunnels(2)
+    pids: Set[int] = {pid for pid, count in tunnel_owners(router).items() if count > 0}
+    assert len(pids) == 2
+    assert hammer(router.url, clients=4, each=10) == [(200, b"bar")] * 40
