@@ -191,13 +191,13 @@ def children(pid: int) -> List[int]:
         return []
 
 
-def only_child(service: Service) -> int:
-    """The pid of a gunicorn master's single worker process."""
+def only_child(service: Service, count: int = 1) -> int:
+    """The pid of a gunicorn master's (first) worker process, once all ``count`` are there."""
     found: List[int] = []
 
     def check() -> bool:
-        found[:] = children(service.pid)
-        return len(found) == 1
+        found[:] = sorted(children(service.pid))
+        return len(found) == count
 
     wait_until(check, STARTUP_TIMEOUT_S, f"{service.name}'s worker process", [service])
     return found[0]
@@ -405,13 +405,18 @@ def start_direct(procs: Processes, app: str, ready_path: str) -> Endpoint:
     return Endpoint("direct", base_url, server_pid=worker)
 
 
-def start_router(procs: Processes, name: str = "router") -> RouterHandle:
+#: Router processes (``--router-workers``); the tunnel path's backend then keeps as many tunnels.
+ROUTER_WORKERS = 1
+
+
+def start_router(procs: Processes, name: str = "router", workers: int = 1) -> RouterHandle:
     """A router with no tunnel yet; ready when its worker answers HTTP (a 503, without tunnels)."""
-    argv = python_module("ptth_sync.router", "--tunnels", f"{HOST}:0", "--http", f"{HOST}:0")
+    argv = python_module("ptth_sync.router", "--tunnels", f"{HOST}:0", "--http", f"{HOST}:0",
+                         "--workers", str(workers))
     service = procs.start(name, argv)
     tunnels = service.wait_for(re.compile(r"Listening for reverse tunnels on tcp://(\S+)"))[0].group(1)
     http_url = service.wait_for(re.compile(r"Listening for HTTP traffic on (http://\S+)"))[0].group(1)
-    worker = only_child(service)
+    worker = only_child(service, workers)
     wait_http(http_url + "/", STARTUP_TIMEOUT_S, [service], status=None)
     return RouterHandle(service, tunnels, http_url, worker)
 
@@ -428,9 +433,9 @@ def start_backend(
 
 def start_tunnel(procs: Processes, app: str, ready_path: str) -> Endpoint:
     """A router and one backend serving ``app``; ready when the router lists the tunnel and ``ready_path`` is 200."""
-    router = start_router(procs)
-    backend = start_backend(procs, router, app, "backend")
-    router.wait_tunnels(1, STARTUP_TIMEOUT_S, [backend])
+    router = start_router(procs, workers=ROUTER_WORKERS)
+    backend = start_backend(procs, router, app, "backend", tunnels=ROUTER_WORKERS)
+    router.wait_tunnels(ROUTER_WORKERS, STARTUP_TIMEOUT_S, [backend])
     wait_http(router.http_url + ready_path, STARTUP_TIMEOUT_S, [router.service, backend])
     return Endpoint("tunnel", router.http_url, server_pid=router.worker_pid, backend_pid=backend.pid)
 
@@ -971,7 +976,8 @@ def throughput_section(data: Dict[str, Any]) -> str:
         f"== 1. Throughput and latency: hello world, {data['duration_s']} s x {data['rounds']} round(s), "
         f"median of rounds ==",
         f"load generator: {gen['name']} ({gen['version']}): {gen['note']}",
-        "a = direct gunicorn gthread (1 worker, 16 threads); b = ptth_sync router + 1 backend (16 threads)",
+        "a = direct gunicorn gthread (1 worker, 16 threads); b = ptth_sync router "
+        f"({ROUTER_WORKERS} process(es)) + 1 backend (16 threads, {ROUTER_WORKERS} tunnel(s))",
         table(headers, rows),
     ])
 
@@ -1133,6 +1139,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bodies", action="store_true", help="skip phase 2 (64 MiB bodies)")
     parser.add_argument("--skip-idle", action="store_true", help="skip phase 3 (idle tunnels)")
     parser.add_argument("--quick", action="store_true", help="fast sanity run: --duration 2 --rounds 1")
+    parser.add_argument("--router-workers", type=positive_int, default=1, metavar="N",
+                        help="router processes for the tunnel path; its backend keeps N tunnels (default: 1)")
     parser.add_argument("--generator", choices=["auto", "wrk", "h2load", "python"], default="auto",
                         help="load generator (default: wrk, else h2load, else the built-in Python client)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="FILE",
@@ -1156,6 +1164,8 @@ def raise_system_exit(signum: int, _frame: Any) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    global ROUTER_WORKERS
+    ROUTER_WORKERS = args.router_workers
     duration = args.duration or (2 if args.quick else 5)
     rounds = args.rounds or (1 if args.quick else 3)
     output: Path = args.output.resolve()
@@ -1175,6 +1185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "settings": {
             "duration_s": duration, "rounds": rounds, "concurrency": args.concurrency,
             "idle_tunnels": args.idle_tunnels, "warmup_s": WARMUP_S, "body_mib": BODY_MIB,
+            "router_workers": ROUTER_WORKERS,
         },
     }
     run_phase(results, "throughput", lambda: run_throughput(generator, args.concurrency, duration, rounds, log_dir))
