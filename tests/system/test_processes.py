@@ -116,10 +116,8 @@ def test_backend_reconnects_after_the_router_restarts(router_process, backend_pr
     assert get(restarted.url, "/foo").read() == b"bar"
 
 
-def test_sigterm_lets_the_request_in_flight_finish_and_the_backend_exits_0(router_process, backend_process):
-    router = router_process()
-    backend = backend_process("tests.apps:multi", router.tunnel_address)
-    router.wait_tunnels(1)
+def sigterm_during_a_slow_request(router, backend, target) -> List[object]:
+    """SIGTERM ``target`` while a 1-second request is in the backend's app; the request's outcome."""
     results: List[object] = []
 
     def slow_request() -> None:
@@ -129,9 +127,16 @@ def test_sigterm_lets_the_request_in_flight_finish_and_the_backend_exits_0(route
     client = threading.Thread(target=slow_request)
     client.start()
     backend.wait_for_line("sleeping in")
-    backend.signal(signal.SIGTERM)
+    target.signal(signal.SIGTERM)
     client.join(15)
-    assert results == [(200, b"done")]
+    return results
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_the_backend_exits_0(router_process, backend_process):
+    router = router_process()
+    backend = backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    assert sigterm_during_a_slow_request(router, backend, backend) == [(200, b"done")]
     assert backend.wait(15) == 0
     router.wait_for_line("Tunnel removed")
 
@@ -175,18 +180,7 @@ def test_sigterm_lets_the_router_finish_requests_in_flight_and_exit_0(router_pro
     router = router_process()
     backend = backend_process("tests.apps:multi", router.tunnel_address)
     router.wait_tunnels(1)
-    results: List[object] = []
-
-    def slow_request() -> None:
-        response = get(router.url, "/sleep?s=1")
-        results.append((response.status, response.read()))
-
-    client = threading.Thread(target=slow_request)
-    client.start()
-    backend.wait_for_line("sleeping in")
-    router.signal(signal.SIGTERM)
-    client.join(15)
-    assert results == [(200, b"done")]
+    assert sigterm_during_a_slow_request(router, backend, router) == [(200, b"done")]
     assert router.wait(15) == 0
 
 
