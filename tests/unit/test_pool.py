@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from typing import List
 
 import pytest
 
@@ -199,3 +200,30 @@ def test_waiting_choose_is_woken_by_notify_when_a_tunnel_accepts_again():
     assert not thread.is_alive()
     assert result["tunnel"] is tunnel
     assert result["elapsed"] < 5
+
+
+def test_requests_waiting_for_a_tunnel_get_one_in_arrival_order():
+    pool = TunnelPool()
+    served: List[str] = []
+    lock = threading.Lock()
+    waiting = threading.Condition()
+
+    def wait_for_tunnel(name: str) -> None:
+        tunnel = pool.choose(wait=10)
+        with lock:
+            served.append(name if tunnel is not None else f"{name}: none")
+
+    threads = []
+    for index, name in enumerate("ABCDE"):
+        thread = threading.Thread(target=wait_for_tunnel, args=(name,))
+        thread.start()
+        threads.append(thread)
+        # Each is queued before the next starts: poll the pool's queue with a deadline.
+        deadline = time.monotonic() + 5
+        with waiting:
+            while len(pool._waiting) < index + 1 and time.monotonic() < deadline:
+                waiting.wait(0.005)
+    pool.add(FakeTunnel("t"))
+    for thread in threads:
+        thread.join(5)
+    assert served == list("ABCDE")
