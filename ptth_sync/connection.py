@@ -50,6 +50,7 @@ import collections
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 from _thread import allocate_lock as _allocate_lock
@@ -737,6 +738,7 @@ class Connection:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes already
+        receive = getattr(sock, "recv_if_ready", sock.recv)  # TLS: never block mid-record
         self._last_received = time.monotonic()
         early, self._initial_data = self._initial_data, b""  # read before we started (a handshake)
         while True:
@@ -748,7 +750,9 @@ class Connection:
                         if reason is not None:
                             return reason
                 try:
-                    data = sock.recv(recv_size)
+                    data = receive(recv_size)
+                except ssl.SSLWantReadError:
+                    continue  # a partial TLS record: poll again
                 except OSError as exc:
                     if self._error is not None:
                         return self._error.reason
@@ -1032,13 +1036,16 @@ def _linger_close(sock: socket.socket, seconds: float = 0.25, limit: int = 1024 
     what we sent but the peer has not read yet; so stop writing, read and
     discard for a moment, then close.
     """
+    sock = getattr(sock, "raw_socket", sock)  # under TLS, discard raw bytes: decrypting could block
     try:
         sock.shutdown(socket.SHUT_WR)
+        poller = select.poll()  # not select(): a router with many tunnels has descriptors past 1024
+        poller.register(sock, select.POLLIN)
         deadline = time.monotonic() + seconds
         drained = 0
         while drained < limit:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+            if remaining <= 0 or not poller.poll(int(remaining * 1000) + 1):
                 break
             data = sock.recv(65536)
             if not data:

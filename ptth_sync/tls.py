@@ -19,6 +19,7 @@ handshake use.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import threading
@@ -47,6 +48,9 @@ class TLSChannel:
         self._send_lock = threading.Lock()  # records leave in the order they were made
         self._unsent: List[bytes] = []  # records made while reading, for the next send
         self._eof = False
+        self._starved = False  # what is buffered holds no complete record
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
 
     # -- handshake ------------------------------------------------------------
 
@@ -81,6 +85,11 @@ class TLSChannel:
             self._sock.settimeout(None)
 
     @property
+    def raw_socket(self) -> socket.socket:
+        """The TCP socket underneath."""
+        return self._sock
+
+    @property
     def selected_alpn_protocol(self) -> Optional[str]:
         return self._ssl.selected_alpn_protocol()
 
@@ -90,7 +99,19 @@ class TLSChannel:
     # -- the socket interface the engine uses ----------------------------------
 
     def recv(self, size: int) -> bytes:
-        """Decrypted bytes; ``b""`` at the end of the session. Reader thread only."""
+        """Decrypted bytes, blocking as the socket does; ``b""`` at the end of the session."""
+        return self._recv(size, wait=True)
+
+    def recv_if_ready(self, size: int) -> bytes:
+        """Like :meth:`recv`, but never waits for the network (the engine's reader, after poll).
+
+        Raises :class:`ssl.SSLWantReadError` when what has arrived holds no
+        complete record yet: the reader then polls again, with its timers,
+        instead of blocking on a peer that stopped mid-record.
+        """
+        return self._recv(size, wait=False)
+
+    def _recv(self, size: int, wait: bool) -> bytes:
         while True:
             with self._lock:
                 try:
@@ -106,7 +127,12 @@ class TLSChannel:
                 return data
             if self._eof:
                 return b""
+            if not wait and not self._poller.poll(0):
+                self._starved = True
+                msg = "no complete TLS record yet"
+                raise ssl.SSLWantReadError(msg)
             raw = self._sock.recv(max(size, 16384))
+            self._starved = False
             if not raw:
                 self._eof = True
                 with self._lock:
@@ -118,7 +144,7 @@ class TLSChannel:
     def pending(self) -> bool:
         """True when bytes are already here to decrypt (so polling the socket would wait wrongly)."""
         with self._lock:
-            return bool(self._ssl.pending() or self._incoming.pending)
+            return bool(self._ssl.pending() or (self._incoming.pending and not self._starved))
 
     def sendall(self, data: bytes) -> None:
         with self._send_lock:

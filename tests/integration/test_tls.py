@@ -175,3 +175,26 @@ def test_a_tls_handshake_that_stalls_is_closed_at_the_deadline(pem_files, opened
         sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
         assert sock.recv(1024) == b""
     wait_until(lambda: "failed the TLS handshake" in caplog.text, what="the deadline in the log")
+
+
+def test_a_peer_that_stops_mid_tls_record_is_dropped_by_the_timers(pem_files, opened, caplog):
+    from ptth_sync.connection import ConnectionSettings
+
+    context = server_context(str(pem_files["server"]))
+    router = Router(timeout=5, ssl_context=context, handshake_timeout=2,
+                    settings=ConnectionSettings(settings_timeout=1.0))
+    router.tunnel_address = router.listen_tunnels("127.0.0.1:0")
+    opened[1].append(router)
+    sock = socket.create_connection(router.tunnel_address, timeout=5)
+    channel = TLSChannel(sock, client_context(cafile=str(pem_files["ca"])), server_side=False,
+                         server_hostname="localhost")
+    channel.do_handshake(5)
+    try:
+        sock.settimeout(5)
+        assert channel.recv(24).startswith(b"PRI * HTTP/2.0")  # the router's reader is running now
+        sock.sendall(b"\x17\x03\x03\x00\x40" + b"\x00" * 10)  # the start of a 64-byte record, then nothing
+        wait_until(lambda: "peer sent no HTTP/2 SETTINGS within 1s" in caplog.text, 10,
+                   what="the router to give up on the silent peer")
+    finally:
+        sock.close()
+    assert len(router.pool) == 0
