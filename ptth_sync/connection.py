@@ -46,16 +46,14 @@ closes the socket and calls ``on_close`` exactly once.
 
 from __future__ import annotations
 
-import collections
 import logging
 import select
 import socket
 import ssl
 import threading
 import time
-from _thread import allocate_lock as _allocate_lock
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import h2.config
 import h2.connection
@@ -66,12 +64,13 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from .errors import ConnectionClosed, StreamReset, StreamTimeout
+from .sockets import linger_close, peer_name, shutdown
+from .stream import Header, Stream
+from .waiting import WaitQueue, release
 
 __all__ = ["Connection", "ConnectionSettings", "Header", "Stream"]
 
 log = logging.getLogger("ptth_sync.connection")
-
-Header = Tuple[bytes, bytes]
 
 # h2 logs every received frame with ``repr(frame)``, even when the logger is a
 # no-op, and the repr of a frame that carries a payload hex-encodes all of it
@@ -85,53 +84,6 @@ _CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
 # Past this many queued bytes a DATA sender waits to write instead of queueing more.
 _OUTBOX_HIGH_WATER = 1024 * 1024
 _DEFAULT_WINDOW = 65535
-
-
-class _WaitQueue:
-    """Threads parked until another thread wakes them; a Condition without its lock.
-
-    A Condition must be notified while its lock is held, so a woken thread at
-    once blocks again on that lock until the notifier lets go: two sleeps and
-    two wake-ups per hand-off. Here the waker only *takes* the waiters while
-    holding the connection lock and releases them after letting go of it
-    (:meth:`Connection._release`), so a woken thread finds the lock free.
-    """
-
-    __slots__ = ("_waiters",)
-
-    def __init__(self) -> None:
-        self._waiters: List[threading.Lock] = []
-
-    def __bool__(self) -> bool:
-        return bool(self._waiters)
-
-    def wait(self, lock: threading.Lock, timeout: Optional[float]) -> None:
-        """Release ``lock`` (held), sleep until woken or ``timeout``, take ``lock`` again."""
-        waiter = _allocate_lock()
-        waiter.acquire()
-        self._waiters.append(waiter)
-        lock.release()
-        try:
-            waiter.acquire(True, -1 if timeout is None else max(timeout, 0.0))
-        finally:
-            lock.acquire()
-            try:
-                self._waiters.remove(waiter)  # still listed only when it timed out
-            except ValueError:
-                pass
-
-    def take(self, count: Optional[int] = None) -> List[threading.Lock]:
-        """Remove every waiter, or the ``count`` longest waiting (lock held); release them to wake them."""
-        if count is None or count >= len(self._waiters):
-            waiters, self._waiters = self._waiters, []
-        else:
-            waiters, self._waiters = self._waiters[:count], self._waiters[count:]
-        return waiters
-
-
-def _release(waiters: List[threading.Lock]) -> None:
-    for waiter in waiters:
-        waiter.release()
 
 
 @dataclass(frozen=True)
@@ -167,135 +119,6 @@ class ConnectionSettings:
     max_unsent_bytes: int = 64 * 1024 * 1024
 
 
-class Stream:
-    """One HTTP/2 stream of a :class:`Connection`.
-
-    Every method may be called from any user thread; a stream is normally used
-    by one thread at a time, except that an upload may run beside a download.
-    """
-
-    def __init__(self, connection: Connection, stream_id: int) -> None:
-        self.connection = connection
-        self.id = stream_id
-        #: Request headers (server role) or response headers (client role).
-        self.headers: Optional[List[Header]] = None
-        self.trailers: Optional[List[Header]] = None
-        self._waiting = _WaitQueue()
-        self._chunks: Deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._remote_ended = False
-        self._local_ended = False
-        self._error: Optional[Exception] = None
-        self._closed = False
-        # Offset in the connection's output where this stream's first bytes
-        # were queued: nothing of the stream reached the peer while fewer
-        # bytes than this have been handed to the socket.
-        self._first_byte_offset: Optional[int] = None
-
-    # -- receiving -------------------------------------------------------
-
-    @property
-    def remote_ended(self) -> bool:
-        """True once the peer has ended its side of the stream."""
-        return self._remote_ended
-
-    @property
-    def cancelled(self) -> bool:
-        """True once the stream was reset (by either side) or its connection died."""
-        conn = self.connection
-        if self._error is not None or conn._error is not None:
-            return True
-        with conn._lock:
-            h2_stream = conn._h2.streams.get(self.id)
-            return h2_stream is None or h2_stream.closed
-
-    @property
-    def local_ended(self) -> bool:
-        """True once this side has sent END_STREAM."""
-        return self._local_ended
-
-    def wait_headers(self, timeout: Optional[float] = None) -> List[Header]:
-        """Block until the peer's header block has arrived and return it."""
-        conn = self.connection
-        with conn._lock:
-            conn._wait(self, lambda: self.headers is not None, timeout, "headers")
-            return self.headers  # type: ignore[return-value]
-
-    def read(self, size: int = -1, timeout: Optional[float] = None) -> bytes:
-        """Return up to ``size`` bytes of body as soon as any are there.
-
-        Returns ``b""`` at the end of the stream; ``size < 0`` returns whatever
-        is buffered (at least one byte unless the stream has ended).
-        """
-        conn = self.connection
-        with conn._lock:
-            conn._wait(self, lambda: bool(self._chunks) or self._remote_ended, timeout, "data")
-            if not self._chunks:
-                return b""
-            data = self._take(size)
-            conn._acknowledge(self.id, len(data))
-        conn._flush()
-        return data
-
-    def _take(self, size: int) -> bytes:
-        chunks = self._chunks
-        first = chunks[0]
-        if size < 0 or size >= self._buffered:
-            data = first if len(chunks) == 1 else b"".join(chunks)
-            chunks.clear()
-        elif size >= len(first):
-            parts = []
-            taken = 0
-            while chunks and taken + len(chunks[0]) <= size:
-                part = chunks.popleft()
-                parts.append(part)
-                taken += len(part)
-            if taken < size and chunks:
-                head = chunks[0]
-                parts.append(head[: size - taken])
-                chunks[0] = head[size - taken :]
-            data = b"".join(parts)
-        else:
-            data = first[:size]
-            chunks[0] = first[size:]
-        self._buffered -= len(data)
-        return data
-
-    # -- sending ---------------------------------------------------------
-
-    def send_headers(self, headers: Sequence[Header], end_stream: bool = False) -> None:
-        """Send a header block (a response, or trailers)."""
-        self.connection._send(self, headers, b"", end_stream, None)
-
-    def send_data(self, data: bytes, end_stream: bool = False, timeout: Optional[float] = None) -> None:
-        """Send ``data``, waiting for flow-control window as needed."""
-        self.connection._send(self, None, data, end_stream, timeout)
-
-    def send_response(
-        self, headers: Sequence[Header], data: bytes = b"", end_stream: bool = False, timeout: Optional[float] = None
-    ) -> None:
-        """Send headers and the first data in one go (one lock hold, one write when the window allows)."""
-        self.connection._send(self, headers, data, end_stream, timeout)
-
-    def end(self) -> None:
-        """End this side of the stream (an empty DATA frame with END_STREAM)."""
-        self.connection._send(self, None, b"", True, None)
-
-    def reset(self, error_code: int = ErrorCodes.CANCEL) -> None:
-        """Abort the stream with RST_STREAM; the connection carries on."""
-        self.connection._close_stream(self, error_code, force_reset=True)
-
-    def close(self, error_code: int = ErrorCodes.CANCEL) -> None:
-        """Release the stream: reset it unless both sides ended, return unread credit."""
-        self.connection._close_stream(self, error_code, force_reset=False)
-
-    @property
-    def request_sent(self) -> bool:
-        """False while provably nothing of this stream has reached the peer."""
-        first = self._first_byte_offset
-        return first is not None and self.connection._attempted_bytes > first
-
-
 class Connection:
     """A blocking HTTP/2 connection over a socket, for the client or the server role.
 
@@ -322,7 +145,7 @@ class Connection:
         self._can_send_nonblocking = isinstance(sock, socket.socket)
         self.client_side = client_side
         self.settings = settings
-        self.name = name or _peer_name(sock)
+        self.name = name or peer_name(sock)
         self._on_ready = on_ready
         self._on_request = on_request
         self._on_close = on_close
@@ -339,8 +162,8 @@ class Connection:
         self._h2 = h2.connection.H2Connection(config=config)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._writer_waiting = _WaitQueue()
-        self._capacity_waiting = _WaitQueue()  # open_stream at the stream limit, drain
+        self._writer_waiting = WaitQueue()
+        self._capacity_waiting = WaitQueue()  # open_stream at the stream limit, drain
         # Stream slots freed by the last batch: wake that many waiters, not all
         # of them (hundreds of threads may wait for a tunnel's few slots);
         # None wakes every one (the limit itself changed).
@@ -444,7 +267,7 @@ class Connection:
                 pass
             self._fail(reason)
         self._send_final_bytes()
-        _shutdown(self.sock)
+        shutdown(self.sock)
 
     def drain(self, timeout: Optional[float] = None) -> bool:
         """Server role: refuse new streams, let open ones finish, then GOAWAY.
@@ -634,7 +457,7 @@ class Connection:
                 with self._lock:
                     self._fail(f"write failed: {exc}")
                     self._write_lock.release()
-                _shutdown(sock)
+                shutdown(sock)
                 return
 
     def _send_without_blocking(self) -> None:
@@ -666,7 +489,7 @@ class Connection:
         else:
             with self._lock:
                 waiters = self._writer_waiting.take()
-        _release(waiters)
+        release(waiters)
 
     def _outbox_full(self) -> bool:
         return self._queued_bytes - self._attempted_bytes > _OUTBOX_HIGH_WATER
@@ -674,7 +497,7 @@ class Connection:
     def _writer_kick(self) -> None:
         with self._lock:
             waiters = self._writer_waiting.take()
-        _release(waiters)
+        release(waiters)
 
     def _write_loop(self) -> None:
         while True:
@@ -722,7 +545,7 @@ class Connection:
                 self._fail(reason)
                 reason = self._error.reason if self._error is not None else reason
             self._send_final_bytes()
-            _linger_close(self.sock)
+            linger_close(self.sock)
             self.close_reason = reason
             self._closed.set()
             self._ready.set()  # wakes wait_ready(); `ready` stays False once dead
@@ -796,7 +619,7 @@ class Connection:
                 self._queue_output()
                 if self._outbox and self._queued_bytes - self._attempted_bytes > self.settings.max_unsent_bytes:
                     ended = ended or "peer does not read what we send"
-            _release(to_wake)
+            release(to_wake)
             if self._outbox:
                 self._send_without_blocking()
             if ended is not None:
@@ -842,7 +665,7 @@ class Connection:
                 self._h2.ping(b"ptthping")
                 self._queue_output()
                 waiters = self._writer_waiting.take()
-            _release(waiters)
+            release(waiters)
         return None
 
     def _check_abuse(self, events: List[h2.events.Event]) -> Optional[str]:
@@ -981,7 +804,7 @@ class Connection:
 
     def _wake_all_streams(self) -> None:
         for stream in self._streams.values():
-            _release(stream._waiting.take())
+            release(stream._waiting.take())
 
     # -- internals: teardown -----------------------------------------------
 
@@ -1007,7 +830,7 @@ class Connection:
                     self._h2.acknowledge_received_data(unread, stream.id)
                 self._queue_output()
             to_wake = stream._waiting.take() + self._capacity_waiting.take(1)
-        _release(to_wake)
+        release(to_wake)
         self._flush()
 
     def _fail(self, reason: str) -> None:
@@ -1016,48 +839,17 @@ class Connection:
             return
         self._error = ConnectionClosed(reason)
         self._wake_all_streams()
-        _release(self._capacity_waiting.take())
-        _release(self._writer_waiting.take())
+        release(self._capacity_waiting.take())
+        release(self._writer_waiting.take())
 
     def _retire_locked(self, reason: str) -> None:
         self._fail(reason)
-        _shutdown(self.sock)
+        shutdown(self.sock)
 
     def __repr__(self) -> str:
         role = "client" if self.client_side else "server"
         state = "alive" if self.alive else f"closed: {self._error.reason if self._error else ''}"
         return f"<Connection {role} {self.name} {state} streams={len(self._streams)}>"
-
-
-def _linger_close(sock: socket.socket, seconds: float = 0.25, limit: int = 1024 * 1024) -> None:
-    """Close after the peer has had a moment to read our last bytes (a GOAWAY).
-
-    Closing with unread input makes the kernel reset the connection and drop
-    what we sent but the peer has not read yet; so stop writing, read and
-    discard for a moment, then close.
-    """
-    sock = getattr(sock, "raw_socket", sock)  # under TLS, discard raw bytes: decrypting could block
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        poller = select.poll()  # not select(): a router with many tunnels has descriptors past 1024
-        poller.register(sock, select.POLLIN)
-        deadline = time.monotonic() + seconds
-        drained = 0
-        while drained < limit:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not poller.poll(int(remaining * 1000) + 1):
-                break
-            data = sock.recv(65536)
-            if not data:
-                break
-            drained += len(data)
-    except (OSError, ValueError):
-        pass
-    _shutdown(sock)
-    try:
-        sock.close()
-    except OSError:  # Defensive
-        pass
 
 
 def _describe(exc: Exception) -> str:
@@ -1067,24 +859,6 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, h2.exceptions.NoSuchStreamError):
         return f"frame on stream {exc.stream_id}, which was never opened"
     return str(exc) or type(exc).__name__
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def _peer_name(sock: socket.socket) -> str:
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return "?"
-    if isinstance(peer, tuple):
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(peer) or "?"
 
 
 def _error_name(code: int) -> str:

@@ -1,0 +1,146 @@
+"""One HTTP/2 stream of a :class:`~ptth_sync.connection.Connection`."""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Deque, List, Optional, Sequence, Tuple
+
+from h2.errors import ErrorCodes
+
+from .waiting import WaitQueue
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = ["Header", "Stream"]
+
+Header = Tuple[bytes, bytes]
+
+
+class Stream:
+    """One HTTP/2 stream of a :class:`Connection`.
+
+    Every method may be called from any user thread; a stream is normally used
+    by one thread at a time, except that an upload may run beside a download.
+    """
+
+    def __init__(self, connection: Connection, stream_id: int) -> None:
+        self.connection = connection
+        self.id = stream_id
+        #: Request headers (server role) or response headers (client role).
+        self.headers: Optional[List[Header]] = None
+        self.trailers: Optional[List[Header]] = None
+        self._waiting = WaitQueue()
+        self._chunks: Deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._remote_ended = False
+        self._local_ended = False
+        self._error: Optional[Exception] = None
+        self._closed = False
+        # Offset in the connection's output where this stream's first bytes
+        # were queued: nothing of the stream reached the peer while fewer
+        # bytes than this have been handed to the socket.
+        self._first_byte_offset: Optional[int] = None
+
+    # -- receiving -------------------------------------------------------
+
+    @property
+    def remote_ended(self) -> bool:
+        """True once the peer has ended its side of the stream."""
+        return self._remote_ended
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the stream was reset (by either side) or its connection died."""
+        conn = self.connection
+        if self._error is not None or conn._error is not None:
+            return True
+        with conn._lock:
+            h2_stream = conn._h2.streams.get(self.id)
+            return h2_stream is None or h2_stream.closed
+
+    @property
+    def local_ended(self) -> bool:
+        """True once this side has sent END_STREAM."""
+        return self._local_ended
+
+    def wait_headers(self, timeout: Optional[float] = None) -> List[Header]:
+        """Block until the peer's header block has arrived and return it."""
+        conn = self.connection
+        with conn._lock:
+            conn._wait(self, lambda: self.headers is not None, timeout, "headers")
+            return self.headers  # type: ignore[return-value]
+
+    def read(self, size: int = -1, timeout: Optional[float] = None) -> bytes:
+        """Return up to ``size`` bytes of body as soon as any are there.
+
+        Returns ``b""`` at the end of the stream; ``size < 0`` returns whatever
+        is buffered (at least one byte unless the stream has ended).
+        """
+        conn = self.connection
+        with conn._lock:
+            conn._wait(self, lambda: bool(self._chunks) or self._remote_ended, timeout, "data")
+            if not self._chunks:
+                return b""
+            data = self._take(size)
+            conn._acknowledge(self.id, len(data))
+        conn._flush()
+        return data
+
+    def _take(self, size: int) -> bytes:
+        chunks = self._chunks
+        first = chunks[0]
+        if size < 0 or size >= self._buffered:
+            data = first if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+        elif size >= len(first):
+            parts = []
+            taken = 0
+            while chunks and taken + len(chunks[0]) <= size:
+                part = chunks.popleft()
+                parts.append(part)
+                taken += len(part)
+            if taken < size and chunks:
+                head = chunks[0]
+                parts.append(head[: size - taken])
+                chunks[0] = head[size - taken :]
+            data = b"".join(parts)
+        else:
+            data = first[:size]
+            chunks[0] = first[size:]
+        self._buffered -= len(data)
+        return data
+
+    # -- sending ---------------------------------------------------------
+
+    def send_headers(self, headers: Sequence[Header], end_stream: bool = False) -> None:
+        """Send a header block (a response, or trailers)."""
+        self.connection._send(self, headers, b"", end_stream, None)
+
+    def send_data(self, data: bytes, end_stream: bool = False, timeout: Optional[float] = None) -> None:
+        """Send ``data``, waiting for flow-control window as needed."""
+        self.connection._send(self, None, data, end_stream, timeout)
+
+    def send_response(
+        self, headers: Sequence[Header], data: bytes = b"", end_stream: bool = False, timeout: Optional[float] = None
+    ) -> None:
+        """Send headers and the first data in one go (one lock hold, one write when the window allows)."""
+        self.connection._send(self, headers, data, end_stream, timeout)
+
+    def end(self) -> None:
+        """End this side of the stream (an empty DATA frame with END_STREAM)."""
+        self.connection._send(self, None, b"", True, None)
+
+    def reset(self, error_code: int = ErrorCodes.CANCEL) -> None:
+        """Abort the stream with RST_STREAM; the connection carries on."""
+        self.connection._close_stream(self, error_code, force_reset=True)
+
+    def close(self, error_code: int = ErrorCodes.CANCEL) -> None:
+        """Release the stream: reset it unless both sides ended, return unread credit."""
+        self.connection._close_stream(self, error_code, force_reset=False)
+
+    @property
+    def request_sent(self) -> bool:
+        """False while provably nothing of this stream has reached the peer."""
+        first = self._first_byte_offset
+        return first is not None and self.connection._attempted_bytes > first
