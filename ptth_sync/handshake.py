@@ -24,7 +24,6 @@ headers with the standard library's.
 
 from __future__ import annotations
 
-import hmac
 import http.client
 import io
 import socket
@@ -32,7 +31,9 @@ import time
 from typing import Optional, Tuple
 from urllib.parse import quote, unquote
 
+from .access import TunnelAccess
 from .errors import PTTHError
+from .origins import ANY, normalize_origin
 
 __all__ = [
     "PTTH_PREFIX",
@@ -41,7 +42,6 @@ __all__ = [
     "accept_upgrade",
     "dial_upgrade",
     "encode_origin",
-    "token_matches",
     "upgrade_request",
 ]
 
@@ -127,15 +127,16 @@ def dial_upgrade(sock: socket.socket, authority: str, token: Optional[str], orig
 # -- the router's side ---------------------------------------------------------
 
 
-def accept_upgrade(sock: socket.socket, token: Optional[str], timeout: float = 10.0,
+def accept_upgrade(sock: socket.socket, access: Optional[TunnelAccess] = None, timeout: float = 10.0,
                    first_bytes_wait: float = 1.0) -> Tuple[bytes, Optional[str]]:
     """Router side: read how a new tunnel opens; answer an upgrade.
 
     Returns ``(leftover, origin)``: bytes already read that belong to HTTP/2,
-    and the origin asked for (None on the plain wire, ``"*"`` for any).
-    Raises :class:`HandshakeRefused` (after answering 401) or
-    :class:`HandshakeFailed` (after answering 400/404 where that makes
-    sense); the caller closes the socket.
+    and the origin asked for in its normal form (None on the plain wire,
+    ``"*"`` for any). ``access`` decides who may open a tunnel and for which
+    origin (None: anyone, for any). Raises :class:`HandshakeRefused` (after
+    answering 401 or 403) or :class:`HandshakeFailed` (after answering
+    400/404 where that makes sense); the caller closes the socket.
 
     A backend on the plain wire sends its SETTINGS at once or waits for our
     preface; one that upgrades sends ``GET `` at once. So the first four bytes,
@@ -158,7 +159,7 @@ def accept_upgrade(sock: socket.socket, token: Optional[str], timeout: float = 1
         except socket.timeout:
             pass  # silent: a plain-wire backend waiting for our preface
         if first != b"GET ":
-            if token is not None:
+            if access is not None and access.required:
                 msg = "plain-wire tunnel refused: this router requires the token handshake"
                 raise HandshakeRefused(401, msg)
             return first, None
@@ -186,11 +187,20 @@ def accept_upgrade(sock: socket.socket, token: Optional[str], timeout: float = 1
             _answer(sock, 400, "Bad Request")
             msg = f"backend offers no h2 in ALPN: {alpn}"
             raise HandshakeFailed(msg)
-        if token is not None and not token_matches(headers.get("authorization", ""), token):
-            _answer(sock, 401, "Unauthorized", (("WWW-Authenticate", "Bearer"),))
-            msg = "wrong or missing token"
-            raise HandshakeRefused(401, msg)
-        origin = unquote(path[len(PTTH_PREFIX):-1]) or "*"
+        try:
+            origin = normalize_origin(unquote(path[len(PTTH_PREFIX):-1]) or ANY)
+        except ValueError as exc:
+            _answer(sock, 400, "Bad Request")
+            msg = f"bad origin in the upgrade: {exc}"
+            raise HandshakeFailed(msg) from None
+        refusal = access.check(headers.get("authorization", ""), origin) if access is not None else None
+        if refusal is not None:
+            status, why = refusal
+            if status == 401:
+                _answer(sock, 401, "Unauthorized", (("WWW-Authenticate", "Bearer"),))
+            else:
+                _answer(sock, status, "Forbidden")
+            raise HandshakeRefused(status, why)
         _answer(sock, 101, "Switching Protocols",
                 (("Connection", "upgrade"), ("Upgrade", "ptth"), ("ALPN", "h2")), close=False)
         return parser.unreader.take_buffered(), origin
@@ -202,14 +212,6 @@ def accept_upgrade(sock: socket.socket, token: Optional[str], timeout: float = 1
             sock.settimeout(None)
         except OSError:
             pass
-
-
-def token_matches(authorization: str, token: str) -> bool:
-    """Constant-time check of an ``Authorization: Bearer`` value."""
-    scheme, _, presented = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        presented = ""
-    return hmac.compare_digest(presented.strip().encode("utf-8"), token.encode("utf-8"))
 
 
 def _answer(sock: socket.socket, status: int, reason: str, headers: Tuple = (), close: bool = True) -> None:

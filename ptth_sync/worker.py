@@ -13,6 +13,9 @@ does not know (``--env``/``raw_env`` work too):
 
 - ``PTTH_CONNECT=HOST:PORT[,HOST:PORT...]``: the routers (default 127.0.0.1:8887);
 - ``PTTH_TUNNELS=N``: connections per router per worker (default 1);
+- ``PTTH_ORIGIN=https://api.example.com[,ORIGIN...]``: register the tunnels
+  for these origins, so the router sends them those hosts' requests only
+  (each origin gets ``PTTH_TUNNELS`` connections of its own);
 - ``PTTH_TOKEN`` (or ``PTTH_TOKEN_FILE``): open each tunnel with the PTTH
   upgrade and this bearer token; a router that refuses it stops gunicorn;
 - ``PTTH_TLS=1``: dial the routers over TLS, verifying their certificates
@@ -55,9 +58,10 @@ from .backend import Backend
 from .backend.wsgi import handle_request
 from .connection import Stream
 from .gunicorn_base import ThreadedWorker
+from .origins import normalize_origin
 from .tls import client_context
 
-__all__ = ["TunnelRequest", "TunnelWorker", "tunnel_options"]
+__all__ = ["TunnelRequest", "TunnelWorker", "tunnel_options", "tunnel_origins", "tunnel_security"]
 
 DEFAULT_CONNECT = "127.0.0.1:8887"
 #: Health-check connections answered at once on gunicorn's listening socket.
@@ -84,6 +88,15 @@ def tunnel_options(environ: Mapping[str, str]) -> Tuple[List[Address], int]:
         msg = f"PTTH_TUNNELS must be a whole number of at least 1, not {text!r}"
         raise ValueError(msg)
     return addresses, int(text)
+
+
+def tunnel_origins(environ: Mapping[str, str]) -> List[str]:
+    """The origins to register, from ``PTTH_ORIGIN`` (comma-separated); ValueError when one is no origin."""
+    try:
+        return [normalize_origin(o) for o in (environ.get("PTTH_ORIGIN") or "").split(",") if o.strip()]
+    except ValueError as exc:
+        msg = f"PTTH_ORIGIN: {exc}"
+        raise ValueError(msg) from None
 
 
 def tunnel_security(environ: Mapping[str, str]) -> Tuple[Optional[str], Optional[ssl.SSLContext]]:
@@ -157,13 +170,15 @@ class TunnelWorker(ThreadedWorker):
         """Runs in the master at start: fail fast on bad ``PTTH_*`` settings, explain the bound socket."""
         try:
             addresses, tunnels = tunnel_options({**os.environ, **cfg.env})
+            origins = tunnel_origins({**os.environ, **cfg.env})
             tunnel_security({**os.environ, **cfg.env})
         except ValueError as exc:
             # gunicorn prints a RuntimeError as one "Error: ..." line and exits 1.
             raise RuntimeError(str(exc)) from None
         log.info(
-            "Each worker keeps %d tunnel(s) to %s and serves %d request(s) at once",
-            tunnels, ", ".join(format_address(a) for a in addresses), cfg.threads,
+            "Each worker keeps %d tunnel(s) to %s%s and serves %d request(s) at once",
+            tunnels, ", ".join(format_address(a) for a in addresses),
+            f" for each of {', '.join(origins)}" if origins else "", cfg.threads,
         )
         if cfg.bind:
             log.info(
@@ -176,6 +191,7 @@ class TunnelWorker(ThreadedWorker):
         super().__init__(*args, **kwargs)  # pre-fork, in the master: plain data only
         self.addresses: List[Address] = []
         self.tunnels = 1
+        self.origins: List[str] = []
         self.backend: Optional[Backend] = None
         self._lock = threading.Lock()  # nr and the health-check count
         self._health_busy = 0
@@ -183,6 +199,7 @@ class TunnelWorker(ThreadedWorker):
     def init_process(self) -> None:
         try:
             self.addresses, self.tunnels = tunnel_options({**os.environ, **self.cfg.env})
+            self.origins = tunnel_origins({**os.environ, **self.cfg.env})
             self.token, self.ssl_context = tunnel_security({**os.environ, **self.cfg.env})
         except ValueError as exc:  # the environment changed since check_config (SIGHUP)
             self.log.error("%s", exc)
@@ -205,7 +222,7 @@ class TunnelWorker(ThreadedWorker):
     def run(self) -> None:
         self.backend = Backend(
             self.addresses, self.wsgi, threads=self.cfg.threads, tunnels=self.tunnels,
-            token=self.token, ssl_context=self.ssl_context, request_handler=self.handle_stream,
+            token=self.token, ssl_context=self.ssl_context, request_handler=self.handle_stream, origins=self.origins,
         )
         for listener in self.sockets:
             listener.setblocking(False)
@@ -327,7 +344,8 @@ class TunnelWorker(ThreadedWorker):
                 request += data
             backend = self.backend
             up = sum(1 for c in backend.connections if c.ready) if backend is not None else 0
-            body = f"ptth_sync worker {os.getpid()}: {up} of {len(self.addresses) * self.tunnels} tunnels up\n"
+            wanted = backend.wanted_tunnels if backend is not None else 0
+            body = f"ptth_sync worker {os.getpid()}: {up} of {wanted} tunnels up\n"
             status = "200 OK" if up else "503 Service Unavailable"
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"

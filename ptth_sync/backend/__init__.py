@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import signal
@@ -9,11 +10,12 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..addresses import Address, AddressLike, format_address, parse_addresses
 from ..connection import Connection, ConnectionSettings, Stream
 from ..handshake import HandshakeFailed, HandshakeRefused, dial_upgrade
+from ..origins import ANY, normalize_origin
 from ..tls import TLSChannel
 from .pool import ThreadPool
 from .wsgi import WSGIApp, handle_request
@@ -22,9 +24,41 @@ __all__ = ["Backend", "serve_wsgi"]
 
 log = logging.getLogger("ptth_sync.backend")
 
+#: Loopback addresses a name such as ``localhost`` resolves to: one router, dialled by name.
+_LOOPBACK_PAIR = {"127.0.0.1", "::1"}
+
+
+def resolve_addresses(host: str, port: int) -> List[str]:
+    """The addresses ``host`` resolves to (the system's resolver), in its order, without repeats."""
+    found: List[str] = []
+    for _family, _type, _proto, _name, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        if sockaddr[0] not in found:
+            found.append(sockaddr[0])
+    return found
+
+
+class _Route:
+    """One tunnel's way to a router: the address as configured, the IP dialled, the origin registered."""
+
+    __slots__ = ("address", "ip", "origin", "retired")
+
+    def __init__(self, address: Address, ip: Optional[str], origin: Optional[str]) -> None:
+        self.address = address
+        self.ip = ip  # None: connect by the configured name
+        self.origin = origin
+        #: Set when the name no longer resolves to ``ip``: no redial once the tunnel drops.
+        self.retired = threading.Event()
+
+    @property
+    def name(self) -> str:
+        name = format_address(self.address)
+        if self.ip is not None and self.ip != self.address[0]:
+            name += f" ({self.ip})"
+        return name if self.origin is None else f"{name} for {self.origin}"
+
 
 class Backend:
-    """Keeps ``tunnels`` connections to each router and serves ``app`` on them.
+    """Keeps ``tunnels`` connections to each router (per origin) and serves ``app`` on them.
 
     The non-blocking form of :func:`serve_wsgi`::
 
@@ -34,6 +68,19 @@ class Backend:
 
     A lost or refused connection is redialled forever with capped exponential
     backoff and jitter, each attempt logged.
+
+    ``origins`` (``["https://api.example.com"]``) registers the tunnels for
+    those origins: the router sends them the requests for those hosts only.
+    Each origin gets ``tunnels`` connections of its own to each router.
+
+    A router given by name (``routers.example.com:8887``) that resolves to
+    several addresses is several routers: the backend keeps tunnels to each
+    address, and resolves the name again every ``resolve_interval`` seconds
+    so that a router added later receives tunnels too (a name that resolves
+    to loopback only, such as ``localhost``, is dialled as one router). The
+    tunnels to an address that no longer resolves are not redialled once they
+    drop. ``resolver(host, port)`` returns the addresses of a name (default:
+    the system's resolver).
 
     ``request_handler(stream)``, when given, runs each request on a pool
     thread instead of ``handle_request(stream, app)``: a server embedding the
@@ -60,11 +107,21 @@ class Backend:
         request_handler: Optional[Callable[[Stream], object]] = None,
         ping_interval: float = ConnectionSettings.ping_interval,
         ping_timeout: float = ConnectionSettings.ping_timeout,
+        origins: Optional[Iterable[str]] = None,
+        resolve_interval: float = 30.0,
+        resolver: Callable[[str, int], Sequence[str]] = resolve_addresses,
     ) -> None:
         if tunnels < 1:
             msg = "tunnels must be at least 1"
             raise ValueError(msg)
         self.addresses: List[Address] = parse_addresses(addr)
+        self.origins: List[str] = []
+        for origin in origins or ():
+            normal = normalize_origin(origin)
+            if normal not in self.origins:
+                self.origins.append(normal)
+        self.resolve_interval = resolve_interval
+        self.resolver = resolver
         self.app = app
         self.threads = threads
         self.tunnels = tunnels
@@ -83,6 +140,8 @@ class Backend:
         self._lock = threading.Lock()
         self._connections: Dict[int, Connection] = {}
         self._dialers: List[threading.Thread] = []
+        self._resolved: Dict[Address, Dict[Optional[str], List[_Route]]] = {}
+        self._routes: List[_Route] = []
         self._started = False
 
     # -- public -------------------------------------------------------------
@@ -93,24 +152,83 @@ class Backend:
             return self
         self._started = True
         self._pool.start()
+        names = []
         for address in self.addresses:
             log.info("Dialing tcp://%s and serving HTTP/2 traffic", format_address(address))
-            for index in range(self.tunnels):
-                dialer = threading.Thread(
-                    target=self._dial_forever,
-                    args=(address,),
-                    name=f"ptth-dialer {format_address(address)}#{index}",
-                    daemon=True,
-                )
-                dialer.start()
-                self._dialers.append(dialer)
+            if _is_ip(address[0]):
+                self._start_dialers(address, None)
+            else:
+                names.append(address)
+        if self.origins:
+            log.info("Registering the tunnels for %s", ", ".join(self.origins))
+        if names:
+            threading.Thread(target=self._resolve_forever, args=(names,), name="ptth-resolver", daemon=True).start()
         return self
+
+    def _start_dialers(self, address: Address, ip: Optional[str]) -> List[_Route]:
+        """``tunnels`` dialers per origin to one router."""
+        routes = [_Route(address, ip, origin) for origin in (self.origins or [None])]
+        with self._lock:
+            if self._stopping.is_set():
+                return []
+            self._routes.extend(routes)
+            for route in routes:
+                for index in range(self.tunnels):
+                    dialer = threading.Thread(target=self._dial_forever, args=(route,),
+                                              name=f"ptth-dialer {route.name}#{index}", daemon=True)
+                    dialer.start()
+                    self._dialers.append(dialer)
+        return routes
+
+    def _resolve_forever(self, names: List[Address]) -> None:
+        """Keep tunnels to every address each name resolves to, resolving again now and then."""
+        failures = 0
+        while not self._stopping.is_set():
+            failed = False
+            for address in names:
+                failed |= not self._resolve(address)
+            failures = failures + 1 if failed else 0
+            delay = self.resolve_interval
+            if failed:
+                delay = min(delay, self._backoff(failures - 1))
+            self._stopping.wait(delay)
+
+    def _resolve(self, address: Address) -> bool:
+        """Dial the new addresses of one name, retire the ones gone; False when resolving failed."""
+        host, port = address
+        known = self._resolved.setdefault(address, {})
+        try:
+            found: List[Optional[str]] = list(dict.fromkeys(self.resolver(host, port)))
+        except OSError as exc:
+            log.warning("Resolving %s failed: %s; %d known address(es) kept", host, exc, len(known))
+            return False
+        if not found:
+            log.warning("%s resolves to no address; %d known address(es) kept", host, len(known))
+            return False
+        if set(found) == _LOOPBACK_PAIR:
+            found = [None]  # one local router: let the connection try each address, as before
+        for ip in found:
+            if ip not in known:
+                if ip is not None:
+                    log.info("%s resolves to %s: dialing it", host, ip)
+                known[ip] = self._start_dialers(address, ip)
+        for ip in [ip for ip in known if ip not in found]:
+            log.info("%s no longer resolves to %s: its tunnels are not redialled once they close", host, ip)
+            for route in known.pop(ip):
+                route.retired.set()
+        return True
 
     @property
     def connections(self) -> List[Connection]:
         """The tunnels currently up."""
         with self._lock:
             return [c for c in self._connections.values() if c.alive]
+
+    @property
+    def wanted_tunnels(self) -> int:
+        """How many tunnels the backend is keeping (or redialling) now: per router address and origin."""
+        with self._lock:
+            return self.tunnels * sum(1 for route in self._routes if not route.retired.is_set())
 
     def wait_connected(self, count: int = 1, timeout: Optional[float] = None) -> bool:
         """Block until ``count`` tunnels are up (their SETTINGS exchanged)."""
@@ -144,7 +262,9 @@ class Backend:
             connections = list(self._connections.values())
         for connection in connections:
             connection.close("backend stopped")
-        for dialer in self._dialers:
+        with self._lock:
+            dialers = list(self._dialers)
+        for dialer in dialers:
             dialer.join(max(deadline - time.monotonic(), 0.0) + 1.0)
         self._pool.stop(max(deadline - time.monotonic(), 0.0) + 0.1)
         return all(results)
@@ -161,13 +281,13 @@ class Backend:
 
     # -- the dial loop --------------------------------------------------------
 
-    def _dial_forever(self, address: Address) -> None:
+    def _dial_forever(self, route: _Route) -> None:
         attempt = 0
-        name = format_address(address)
-        while not self._stopping.is_set():
+        name = route.name
+        while not self._stopping.is_set() and not route.retired.is_set():
             started = time.monotonic()
             try:
-                sock, initial_data = self._dial(address)
+                sock, initial_data = self._dial(route)
             except HandshakeRefused as exc:
                 log.error("Router at %s refused the tunnel: %s %s", name, exc.status, exc.reason)
                 self.refused = exc
@@ -199,7 +319,7 @@ class Backend:
             connection.wait_closed()
             with self._lock:
                 self._connections.pop(id(connection), None)
-            if self._stopping.is_set():
+            if self._stopping.is_set() or route.retired.is_set():
                 return
             if time.monotonic() - started > self.backoff_reset_after:
                 attempt = 0
@@ -208,18 +328,20 @@ class Backend:
             log.warning("Tunnel to %s lost: %s; reconnecting in %.1fs", name, connection.close_reason, delay)
             self._stopping.wait(delay)
 
-    def _dial(self, address: Address) -> Tuple[Any, bytes]:
+    def _dial(self, route: _Route) -> Tuple[Any, bytes]:
         """Connect, wrap in TLS and upgrade as configured; the socket and bytes already read."""
-        sock = socket.create_connection(address, timeout=self.connect_timeout)
+        host, port = route.address
+        sock = socket.create_connection((route.ip or host, port), timeout=self.connect_timeout)
         try:
             sock.settimeout(None)
             channel: Any = sock
             if self.ssl_context is not None:
-                channel = TLSChannel(sock, self.ssl_context, server_side=False, server_hostname=address[0])
+                channel = TLSChannel(sock, self.ssl_context, server_side=False, server_hostname=host)
                 channel.do_handshake(self.connect_timeout)
             initial_data = b""
-            if self.token is not None:
-                initial_data = dial_upgrade(channel, format_address(address), self.token, timeout=self.connect_timeout)
+            if self.token is not None or route.origin is not None:
+                initial_data = dial_upgrade(channel, format_address(route.address), self.token,
+                                            route.origin or ANY, timeout=self.connect_timeout)
         except BaseException:
             sock.close()
             raise
@@ -250,18 +372,23 @@ def serve_wsgi(
     token: Optional[str] = None,
     ssl_context: Optional[ssl.SSLContext] = None,
     graceful_timeout: float = 30.0,
+    origins: Optional[Iterable[str]] = None,
     **options: Any,
 ) -> None:
     """Dial the router(s) at ``addr`` and serve ``app`` through the tunnels. Blocks.
 
-    ``options`` go to :class:`Backend` (``ping_interval``, ``ping_timeout``, ``connect_timeout``).
+    ``origins``: serve only the requests for these origins
+    (``["https://api.example.com"]``), see :class:`Backend`. ``options`` go
+    to :class:`Backend` (``resolve_interval``, ``ping_interval``,
+    ``ping_timeout``, ``connect_timeout``).
 
     Called from the main thread, it returns after SIGTERM (requests in flight
     finish, for at most ``graceful_timeout`` seconds) or SIGINT (at once).
     Raises :class:`~ptth_sync.handshake.HandshakeRefused` when a router
     refuses the ``token``; every other failure is retried with backoff.
     """
-    backend = Backend(addr, app, threads=threads, tunnels=tunnels, token=token, ssl_context=ssl_context, **options)
+    backend = Backend(addr, app, threads=threads, tunnels=tunnels, token=token, ssl_context=ssl_context,
+                      origins=origins, **options)
     stop = threading.Event()
     graceful = {"value": False}
     previous = {}
@@ -291,3 +418,11 @@ def serve_wsgi(
             signal.signal(signum, handler)
     if backend.refused is not None:
         raise backend.refused
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -12,8 +12,16 @@ from gunicorn.errors import AppImportError
 from gunicorn.util import import_app
 
 from ..addresses import parse_addresses
-from ..cli import add_lifecycle_arguments, add_token_arguments, configure_logging, positive_int, read_token
+from ..cli import (
+    add_lifecycle_arguments,
+    add_token_arguments,
+    configure_logging,
+    positive_float,
+    positive_int,
+    read_token,
+)
 from ..handshake import HandshakeRefused
+from ..origins import normalize_origin
 from ..tls import client_context
 from . import serve_wsgi
 
@@ -32,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests served at once per process (default: %(default)s)")
     parser.add_argument("--tunnels", type=positive_int, default=1, metavar="N",
                         help="connections kept to each router (default: %(default)s)")
+    parser.add_argument("--origin", action="append", default=[], metavar="ORIGIN",
+                        help="serve the requests for this origin (https://api.example.com) only; repeat it, or "
+                             "separate with commas, for several (default: every host no other backend serves)")
+    parser.add_argument("--resolve-interval", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="how often router names are resolved again, to dial routers added later "
+                             "(default: %(default)s)")
     add_lifecycle_arguments(parser, "redial")
     add_token_arguments(parser, "shared secret to present to the router")
     parser.add_argument("--tls", action="store_true",
@@ -59,6 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"cannot load the TLS certificates: {exc}")
     try:
         addresses = parse_addresses(args.connect)
+        origins = [normalize_origin(o) for text in args.origin for o in text.split(",") if o.strip()]
     except ValueError as exc:
         parser.error(str(exc))
     if "" not in sys.path:
@@ -70,8 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     try:
         serve_wsgi(addresses, app, threads=args.threads, tunnels=args.tunnels, token=token, ssl_context=context,
-                   graceful_timeout=args.graceful_timeout, ping_interval=args.ping_interval,
-                   ping_timeout=args.ping_timeout)
+                   graceful_timeout=args.graceful_timeout, origins=origins, resolve_interval=args.resolve_interval,
+                   ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
     except HandshakeRefused:
         return 1  # the reason is logged already, on one line
     return 0

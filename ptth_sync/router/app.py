@@ -8,15 +8,17 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from h2.errors import ErrorCodes
 
+from ..access import TunnelAccess
 from ..addresses import Address, AddressLike, format_address, parse_address
 from ..connection import Connection, ConnectionSettings, Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout
 from ..handshake import HandshakeFailed, HandshakeRefused, accept_upgrade
 from ..headers import InvalidHeader, header_list_size, request_headers, response_headers, response_status
+from ..origins import ANY, request_origin
 from ..tls import TLSChannel
 from .fleet import WorkerFleet
 from .pool import TunnelPool
@@ -51,6 +53,15 @@ class Router:
     largest request body forwarded: a larger one gets a 413. With a ``token``,
     a backend must open its tunnel with the PTTH upgrade and that bearer
     token; without one, both the upgrade and the plain wire are accepted.
+    ``tokens`` maps more tokens to the origins each may register (see
+    :mod:`ptth_sync.access`).
+
+    A backend may register its tunnel for an origin
+    (``https://api.example.com``): requests are then routed by their scheme
+    and ``Host`` to the tunnels of that origin, round-robin within it, and
+    tunnels registered for no origin serve every other host. A host that no
+    tunnel serves, while other origins are served, gets ``421 Misdirected
+    Request``.
     With an ``ssl_context`` (a server context; see :func:`server_context`)
     tunnels are TLS, the backend being the TLS client.
     """
@@ -64,10 +75,12 @@ class Router:
         token: Optional[str] = None,
         handshake_timeout: float = 10.0,
         ssl_context: Optional[ssl.SSLContext] = None,
+        tokens: Optional[Mapping[str, Iterable[str]]] = None,
     ) -> None:
         self.timeout = timeout
         self.ssl_context = ssl_context
         self.token = token or None
+        self.access = TunnelAccess(self.token, tokens)
         self.handshake_timeout = handshake_timeout
         self.tunnel_wait = tunnel_wait
         self.max_body_size = max_body_size
@@ -77,6 +90,7 @@ class Router:
         self.fleet: Optional[WorkerFleet] = None
         self._listeners: List[socket.socket] = []
         self._connections: Dict[int, Connection] = {}
+        self._origins: Dict[int, str] = {}  # of the tunnels not yet ready
         self._lock = threading.Lock()
         self._closed = False
 
@@ -113,10 +127,11 @@ class Router:
         thread = threading.Thread(target=self._accept_loop, args=(sock,), name=f"ptth-accept {name}", daemon=True)
         thread.start()
 
-    def add_tunnel(self, sock: socket.socket, initial_data: bytes = b"") -> Connection:
+    def add_tunnel(self, sock: socket.socket, initial_data: bytes = b"", origin: str = ANY) -> Connection:
         """Start serving as the HTTP/2 client on a connected socket a backend dialled.
 
-        ``initial_data``: bytes already read from the socket that belong to HTTP/2.
+        ``initial_data``: bytes already read from the socket that belong to
+        HTTP/2; ``origin``: what the tunnel serves, in normal form (``*``: any host).
         """
         connection = Connection(
             sock,
@@ -132,6 +147,7 @@ class Router:
                 msg = "router is closed"
                 raise ConnectionClosed(msg, request_sent=False)
             self._connections[id(connection)] = connection
+            self._origins[id(connection)] = origin
         connection.start()
         return connection
 
@@ -213,8 +229,8 @@ class Router:
                     sock.close()
                     return False
                 sock = channel  # type: ignore[assignment]
-            initial_data, _origin = accept_upgrade(sock, self.token, self.handshake_timeout)  # origins: later
-            self.add_tunnel(sock, initial_data)
+            initial_data, origin = accept_upgrade(sock, self.access, self.handshake_timeout)
+            self.add_tunnel(sock, initial_data, origin or ANY)
             return True
         except HandshakeRefused as exc:
             log.warning("Tunnel from %s refused: %s", peer, exc.reason)
@@ -226,12 +242,15 @@ class Router:
         return False
 
     def _tunnel_ready(self, connection: Connection) -> None:
-        self.pool.add(connection)
+        with self._lock:
+            origin = self._origins.pop(id(connection), ANY)
+        self.pool.add(connection, origin)
         log.info("Tunnel added: %s", connection.name)
 
     def _tunnel_closed(self, connection: Connection, reason: str) -> None:
         with self._lock:
             self._connections.pop(id(connection), None)
+            self._origins.pop(id(connection), None)
         if self.fleet is not None:
             self.fleet.tunnel_removed()
         if self.pool.remove(connection):
@@ -253,9 +272,15 @@ class Router:
             log.info("%s %s: 413, a body of %s bytes over the limit of %d", method, target, body.length,
                      self.max_body_size)
             return _too_large(start_response, self.max_body_size)
+        origin = ANY
+        if self.pool.has_origins:
+            origin = self._route(environ)
+            if origin is None:
+                host = environ.get("HTTP_HOST", "")
+                return _error(start_response, 421, "Misdirected Request", f"no backend serves the host {host!r}")
         tried: List[Connection] = []
         while True:
-            tunnel = self.pool.choose(exclude=tried, wait=self.tunnel_wait if not tried else 0.0)
+            tunnel = self.pool.choose(exclude=tried, wait=self.tunnel_wait if not tried else 0.0, origin=origin)
             if tunnel is None:
                 if tried:
                     return _error(start_response, 502, "Bad Gateway", "the tunnel failed before the response")
@@ -293,6 +318,15 @@ class Router:
             body.finish()
             return []
         return _ResponseBody(stream, body, self.timeout)
+
+    def _route(self, environ: Dict[str, Any]) -> Optional[str]:
+        """The origin whose tunnels serve this request (``*``: the default pool); None when none does."""
+        origin = request_origin(environ.get("wsgi.url_scheme", "http"), environ.get("HTTP_HOST", ""))
+        if origin is not None and self.pool.knows(origin):
+            return origin
+        if self.pool.tunnels(ANY):
+            return ANY
+        return None
 
     def _exchange(
         self, tunnel: Connection, headers: List[Tuple[bytes, bytes]], body: _RequestBody

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from gunicorn.app.base import BaseApplication
 
+from ..access import TunnelAccess, load_tokens_file
 from ..addresses import format_address, parse_address
 from ..cli import (
     add_lifecycle_arguments,
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest request body forwarded; larger ones get 413 (default: no limit)")
     add_lifecycle_arguments(parser, "drop the tunnel")
     add_token_arguments(parser, "shared secret every backend must present to open a tunnel")
+    parser.add_argument("--tokens-file", default=None, metavar="FILE",
+                        help="tokens and the origins each may register, a token per line: "
+                             "TOKEN ORIGIN [ORIGIN...] ('*' for any); re-read by new workers on SIGHUP")
+    parser.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
+                        help="proxies whose X-Forwarded-Proto is trusted for the request's scheme, comma-separated "
+                             "or '*' (gunicorn's setting; default: 127.0.0.1,::1)")
     parser.add_argument("--certfile", default=None, metavar="FILE",
                         help="serve tunnels over TLS with this certificate (chain) in PEM")
     parser.add_argument("--keyfile", default=None, metavar="FILE", help="the private key for --certfile")
@@ -80,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 class RouterServer(BaseApplication):  # type: ignore[misc]
     """gunicorn with one or more worker processes serving a :class:`Router`."""
 
-    def __init__(self, router: Router, tunnel_listener: socket.socket, options: Dict[str, Any]) -> None:
+    def __init__(self, router: Router, tunnel_listener: socket.socket, options: Dict[str, Any],
+                 tokens_file: Optional[str] = None) -> None:
         self.router = router
         self.tunnel_listener = tunnel_listener
         self.options = options
+        self.tokens_file = tokens_file
         super().__init__()
 
     def load_config(self) -> None:
@@ -106,7 +115,20 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
         # Threads do not survive fork: accept tunnels only in the worker.
         if self.router.fleet is not None:
             self.router.fleet.join()
+        self._reload_tokens()
         self.router.serve_tunnels(self.tunnel_listener)
+
+    def _reload_tokens(self) -> None:
+        """A new worker (after SIGHUP, say) reads the tokens file again; a broken file keeps the old tokens."""
+        path = self.tokens_file
+        if not path:
+            return
+        try:
+            tokens = load_tokens_file(path)
+        except ValueError as exc:
+            log.error("Keeping the previous tokens: %s", exc)
+            return
+        self.router.access = TunnelAccess(self.router.token, tokens)
 
     def _worker_exit(self, server: Any, worker: Any) -> None:
         self.router.close()
@@ -132,9 +154,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             tunnel_tls = server_context(args.certfile, args.keyfile, args.ca_certs)
         except (OSError, ssl.SSLError) as exc:
             parser.error(f"cannot load the tunnel certificate: {exc}")
+    tokens = None
+    if args.tokens_file:
+        try:
+            tokens = load_tokens_file(args.tokens_file)
+        except ValueError as exc:
+            parser.error(str(exc))
     settings = ConnectionSettings(ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
     router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait, settings=settings,
-                    max_body_size=args.max_body_size, token=token, ssl_context=tunnel_tls)
+                    max_body_size=args.max_body_size, token=token, ssl_context=tunnel_tls, tokens=tokens)
     if args.workers > 1:
         router.fleet = WorkerFleet(slots=2 * args.workers)  # before the fork: shared
     try:
@@ -143,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("Cannot listen for tunnels on %s: %s", format_address(tunnel_address), exc)
         return 1
     log.info("Listening for reverse tunnels on tcp://%s", format_address(listener.getsockname()[:2]))
-    if token is None and tunnel_tls is None and not _is_loopback(tunnel_address[0]):
+    if not router.access.required and tunnel_tls is None and not _is_loopback(tunnel_address[0]):
         log.warning("The tunnel listener on %s is reachable beyond this host with neither --token nor "
                     "TLS: anyone who can connect can register as a backend and receive your traffic",
                     format_address(tunnel_address))
@@ -159,9 +187,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "accesslog": args.access_logfile,
         "proc_name": "ptth_sync.router",
     }
+    if args.forwarded_allow_ips is not None:
+        options["forwarded_allow_ips"] = args.forwarded_allow_ips
     if args.http_certfile:
         options.update({"certfile": args.http_certfile, "keyfile": args.http_keyfile})
-    RouterServer(router, listener, options).run()
+    RouterServer(router, listener, options, tokens_file=args.tokens_file).run()
     return 0
 
 

@@ -221,7 +221,7 @@ def test_requests_waiting_for_a_tunnel_get_one_in_arrival_order():
         # Each is queued before the next starts: poll the pool's queue with a deadline.
         deadline = time.monotonic() + 5
         with waiting:
-            while len(pool._waiting) < index + 1 and time.monotonic() < deadline:
+            while pool.waiting() < index + 1 and time.monotonic() < deadline:
                 waiting.wait(0.005)
     pool.add(FakeTunnel("t"))
     for thread in threads:
