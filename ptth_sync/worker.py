@@ -250,9 +250,6 @@ class TunnelWorker(ThreadedWorker):
         # self.timeout is half of --timeout (the arbiter passes it so); 0 disables it.
         return min(1.0, self.timeout) if self.timeout else 1.0
 
-
-
-
     def _stop_gracefully(self) -> None:
         """Drain every tunnel (no new streams, in-flight ones finish) for at most ``graceful_timeout``.
 

@@ -38,7 +38,7 @@ from gunicorn.http import wsgi
 from ..gunicorn_base import ThreadedWorker
 from .app import TunnelBroken
 
-__all__ = ["RouterWorker"]
+__all__ = ["ClientConnectionLoop", "RouterWorker"]
 
 
 class _ElasticPool:
@@ -115,82 +115,29 @@ class _ClientSocket:
         return getattr(self._sock, name)
 
 
-class RouterWorker(ThreadedWorker):
-    """gunicorn worker serving each client connection on a thread of its own."""
+class ClientConnectionLoop:
+    """One client connection served on the calling thread, request after request.
+
+    Parses each request with gunicorn's HTTP/1.1 parser, calls ``self.wsgi``
+    (a :class:`~ptth_sync.router.Router`), writes the response with gunicorn's
+    writer and waits up to ``cfg.keepalive`` seconds on the socket for the
+    next. The host provides what a gunicorn worker has: ``cfg``, ``log``,
+    ``wsgi``, ``alive``, ``nr``, ``max_requests`` and ``handle_error``.
+    """
 
     #: Seconds a client has to send a whole request head (line and headers).
     header_timeout: float = 10.0
 
-    def init_process(self) -> None:
-        self._pool = _ElasticPool(self.cfg.threads)
-        self._lock = threading.Lock()
-        self._closed = threading.Condition(self._lock)
-        self._connections = 0
-        self._idle: Set[socket.socket] = set()
-        super().init_process()
+    cfg: Any
+    log: Any
+    wsgi: Any
+    alive: bool
+    nr: int
+    max_requests: int
+    handle_error: Callable[..., None]
 
-    def run(self) -> None:
-        for listener in self.sockets:
-            listener.setblocking(False)
-        interval = min(1.0, self.timeout / 2 if self.timeout else 1.0)
-        while self.alive:
-            self.notify()
-            if not self.is_parent_alive():
-                break
-            with self._lock:
-                full = self._connections >= self.cfg.threads
-            # In a fleet of router processes, one without a tunnel leaves clients to the others.
-            taking = not full and self.wsgi.takes_clients()
-            watched = [*self.sockets, self.PIPE[0]] if taking else [self.PIPE[0]]
-            try:
-                readable, _, _ = select.select(watched, [], [], interval if taking else min(interval, 0.1))
-            except InterruptedError:
-                continue
-            for ready in readable:
-                if ready is self.PIPE[0]:
-                    self.drain_pipe()
-                else:
-                    self._accept(ready)
-        self._stop_gracefully()
-
-
-
-    def _accept(self, listener: Any) -> None:
-        if not self.wsgi.takes_clients():
-            return  # the tunnels went elsewhere since select() woke us: let a process with one take it
-        try:
-            client, addr = listener.accept()
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
-            return
-        client.setblocking(True)
-        with self._lock:
-            self._connections += 1
-        self._pool.submit(lambda: self._serve(listener, client, addr))
-
-    def _stop_gracefully(self) -> None:
-        """Close idle keep-alive connections; give busy ones ``graceful_timeout`` to finish."""
-        for listener in self.sockets:
-            try:
-                listener.close()
-            except OSError:
-                pass
-        deadline = time.monotonic() + self.cfg.graceful_timeout
-        with self._lock:
-            while self._connections:
-                for client in self._idle:  # wakes its thread, which then ends
-                    _shutdown(client)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.log.warning("Graceful timeout: %d connections still busy", self._connections)
-                    return
-                self.notify()
-                self._closed.wait(min(remaining, 1.0))
-
-    # -- one connection --------------------------------------------------------
-
-    def _serve(self, listener: Any, raw: socket.socket, addr: Any) -> None:
+    def serve_connection(self, listener: Any, raw: socket.socket, addr: Any) -> None:
+        """Serve requests on ``raw`` until it closes, fails or the host stops; then close it."""
         req = None
         client = raw
         try:
@@ -224,10 +171,6 @@ class RouterWorker(ThreadedWorker):
             self.handle_error(req, client, addr, exc)
         finally:
             util.close_graceful(raw)
-            with self._lock:
-                self._connections -= 1
-                self._closed.notify_all()
-            self.wake()  # a slot freed up: the main loop may have stopped accepting
 
     def _wait_for_next_request(self, raw: socket.socket, parser: Any) -> bool:
         """Wait up to ``keepalive`` seconds for the next request; False to close the connection."""
@@ -247,11 +190,7 @@ class RouterWorker(ThreadedWorker):
         return bool(readable) and self.alive
 
     def _set_idle(self, client: socket.socket, idle: bool) -> None:
-        with self._lock:
-            if idle:
-                self._idle.add(client)
-            else:
-                self._idle.discard(client)
+        """Called as ``client`` starts (True) and stops (False) waiting for its next request."""
 
     def _handle_request(self, listener: Any, req: Any, client: socket.socket, addr: Any) -> bool:
         """Serve one request; True to keep the connection for another."""
@@ -298,6 +237,91 @@ class RouterWorker(ThreadedWorker):
                 self.cfg.post_request(self, req, environ, resp)
             except Exception:
                 self.log.exception("Exception in post_request hook")
+
+
+class RouterWorker(ClientConnectionLoop, ThreadedWorker):
+    """gunicorn worker serving each client connection on a thread of its own."""
+
+    def init_process(self) -> None:
+        self._pool = _ElasticPool(self.cfg.threads)
+        self._lock = threading.Lock()
+        self._closed = threading.Condition(self._lock)
+        self._connections = 0
+        self._idle: Set[socket.socket] = set()
+        super().init_process()
+
+    def run(self) -> None:
+        for listener in self.sockets:
+            listener.setblocking(False)
+        interval = min(1.0, self.timeout / 2 if self.timeout else 1.0)
+        while self.alive:
+            self.notify()
+            if not self.is_parent_alive():
+                break
+            with self._lock:
+                full = self._connections >= self.cfg.threads
+            # In a fleet of router processes, one without a tunnel leaves clients to the others.
+            taking = not full and self.wsgi.takes_clients()
+            watched = [*self.sockets, self.PIPE[0]] if taking else [self.PIPE[0]]
+            try:
+                readable, _, _ = select.select(watched, [], [], interval if taking else min(interval, 0.1))
+            except InterruptedError:
+                continue
+            for ready in readable:
+                if ready is self.PIPE[0]:
+                    self.drain_pipe()
+                else:
+                    self._accept(ready)
+        self._stop_gracefully()
+
+    def _accept(self, listener: Any) -> None:
+        if not self.wsgi.takes_clients():
+            return  # the tunnels went elsewhere since select() woke us: let a process with one take it
+        try:
+            client, addr = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        client.setblocking(True)
+        with self._lock:
+            self._connections += 1
+        self._pool.submit(lambda: self._serve(listener, client, addr))
+
+    def _stop_gracefully(self) -> None:
+        """Close idle keep-alive connections; give busy ones ``graceful_timeout`` to finish."""
+        for listener in self.sockets:
+            try:
+                listener.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        with self._lock:
+            while self._connections:
+                for client in self._idle:  # wakes its thread, which then ends
+                    _shutdown(client)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.log.warning("Graceful timeout: %d connections still busy", self._connections)
+                    return
+                self.notify()
+                self._closed.wait(min(remaining, 1.0))
+
+    def _serve(self, listener: Any, raw: socket.socket, addr: Any) -> None:
+        try:
+            self.serve_connection(listener, raw, addr)
+        finally:
+            with self._lock:
+                self._connections -= 1
+                self._closed.notify_all()
+            self.wake()  # a slot freed up: the main loop may have stopped accepting
+
+    def _set_idle(self, client: socket.socket, idle: bool) -> None:
+        with self._lock:
+            if idle:
+                self._idle.add(client)
+            else:
+                self._idle.discard(client)
 
 
 def _shutdown(client: socket.socket) -> None:
