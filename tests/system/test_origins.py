@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 from typing import Tuple
 
 from tests.system.test_worker import start_gunicorn, wait_tunnels
@@ -86,3 +87,34 @@ def test_a_backend_given_a_name_dials_the_router_behind_it(router_process, backe
     backend_process("tests.apps:hello", f"localhost:{router.tunnel_port}")
     router.wait_tunnels(1)
     assert get(router, "anything.example.com") == (200, b"bar")
+
+
+def test_behind_a_trusted_proxy_that_ended_tls_an_https_origin_is_served(router_process, backend_process):
+    router = router_process("--forwarded-allow-ips", "127.0.0.1")
+    backend_process("tests.apps:environ_json", router.tunnel_address, "--origin", "https://api.example.com")
+    router.wait_tunnels(1)
+    connection = http.client.HTTPConnection(router.http_host, router.http_port, timeout=10)
+    try:
+        connection.request("GET", "/", headers={"Host": "api.example.com", "X-Forwarded-Proto": "https"})
+        response = connection.getresponse()
+        environ = json.loads(response.read())
+    finally:
+        connection.close()
+    assert response.status == 200
+    assert environ["wsgi.url_scheme"] == "https"
+    assert environ["HTTP_X_FORWARDED_PROTO"] == "https"
+    assert get(router, "api.example.com")[0] == 421  # plain http is another origin
+
+
+def test_an_untrusted_proxy_cannot_claim_https(router_process, backend_process):
+    router = router_process("--forwarded-allow-ips", "192.0.2.1")
+    backend_process("tests.apps:hello", router.tunnel_address, "--origin", "https://api.example.com")
+    router.wait_tunnels(1)
+    connection = http.client.HTTPConnection(router.http_host, router.http_port, timeout=10)
+    try:
+        connection.request("GET", "/foo", headers={"Host": "api.example.com", "X-Forwarded-Proto": "https"})
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+    assert response.status == 421
