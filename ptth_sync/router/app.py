@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import ssl
@@ -20,7 +21,9 @@ from ..handshake import HandshakeFailed, HandshakeRefused, accept_upgrade
 from ..headers import InvalidHeader, header_list_size, request_headers, response_headers, response_status
 from ..origins import ANY, request_origin
 from ..tls import TLSChannel
+from .admin import PUBLISH_INTERVAL, AdminServer, SharedMetrics, is_loopback
 from .fleet import WorkerFleet
+from .metrics import RouterMetrics, merge, opening_failure_reason
 from .pool import TunnelPool
 
 __all__ = ["Router"]
@@ -64,6 +67,9 @@ class Router:
     Request``.
     With an ``ssl_context`` (a server context; see :func:`server_context`)
     tunnels are TLS, the backend being the TLS client.
+
+    :attr:`metrics` counts requests, bytes and tunnels; :meth:`listen_admin`
+    serves them (``/metrics``, ``/status``, ``/healthz``).
     """
 
     def __init__(
@@ -88,10 +94,19 @@ class Router:
         self.pool = TunnelPool()
         #: Set when several router processes share the listeners (see fleet.py).
         self.fleet: Optional[WorkerFleet] = None
-        self._listeners: List[socket.socket] = []
+        self.metrics = RouterMetrics()
+        #: Set when several router processes answer the admin endpoints together (see admin.py).
+        self.shared_metrics: Optional[SharedMetrics] = None
+        self._listeners: List[Tuple[socket.socket, bool]] = []  # and whether this router owns it
+        self._acceptors: List[threading.Thread] = []
+        self._wake: Optional[Tuple[int, int]] = None  # a pipe that wakes the accept loops
+        self._admin_servers: List[AdminServer] = []
+        self._publishing = False
+        self._stopping = threading.Event()
         self._connections: Dict[int, Connection] = {}
         self._origins: Dict[int, str] = {}  # of the tunnels not yet ready
         self._lock = threading.Lock()
+        self._gone = threading.Condition(self._lock)  # a tunnel's close callback has finished
         self._closed = False
 
     # -- tunnels --------------------------------------------------------------
@@ -99,32 +114,35 @@ class Router:
     @staticmethod
     def bind_tunnels(addr: AddressLike, backlog: int = 1024) -> socket.socket:
         """Bind and listen on ``addr`` without accepting yet (for pre-fork servers)."""
-        address = parse_address(addr)  # type: ignore[arg-type]
-        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
-        family, _, _, _, sockaddr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(backlog)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return _bind(addr, backlog)
 
     def listen_tunnels(self, addr: AddressLike = "127.0.0.1:8887") -> Address:
         """Accept tunnels on ``addr`` in the background; returns the address bound."""
         sock = self.bind_tunnels(addr)
-        self.serve_tunnels(sock)
         host, port = sock.getsockname()[:2]
+        self.serve_tunnels(sock, owned=True)
         return (host, port)
 
-    def serve_tunnels(self, sock: socket.socket) -> None:
-        """Accept tunnels on an already listening socket, in a background thread."""
+    def serve_tunnels(self, sock: socket.socket, owned: bool = False) -> None:
+        """Accept tunnels on an already listening socket, in a background thread.
+
+        The socket may be shared with other processes (a pre-fork server):
+        :meth:`close` then only closes this process's descriptor of it. An
+        ``owned`` socket is shut down too.
+        """
         with self._lock:
-            self._listeners.append(sock)
+            if self._closed:
+                msg = "router is closed"
+                raise ConnectionClosed(msg, request_sent=False)
+            if self._wake is None:
+                self._wake = os.pipe()  # made here, not before a fork: it wakes this process's loops only
+            wake_fd = self._wake[0]
+            self._listeners.append((sock, owned))
         name = format_address(sock.getsockname()[:2])
-        thread = threading.Thread(target=self._accept_loop, args=(sock,), name=f"ptth-accept {name}", daemon=True)
+        thread = threading.Thread(target=self._accept_loop, args=(sock, wake_fd), name=f"ptth-accept {name}",
+                                  daemon=True)
+        with self._lock:
+            self._acceptors.append(thread)
         thread.start()
 
     def add_tunnel(self, sock: socket.socket, initial_data: bytes = b"", origin: str = ANY) -> Connection:
@@ -156,35 +174,70 @@ class Router:
         return self.fleet is None or len(self.pool) > 0 or self.fleet.total() == 0
 
     def close(self) -> None:
-        """Stop accepting tunnels and close every tunnel."""
+        """Stop accepting tunnels, close every tunnel and stop serving the admin endpoints."""
         with self._lock:
             self._closed = True
             listeners, self._listeners = self._listeners, []
             connections = list(self._connections.values())
-        for sock in listeners:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            admin_servers, self._admin_servers = self._admin_servers, []
+            publishing, self._publishing = self._publishing, False
+            acceptors, self._acceptors = self._acceptors, []
+            wake, self._wake = self._wake, None
+        if wake is not None:
+            os.write(wake[1], b"x")
+        for thread in acceptors:
+            if thread is not threading.current_thread():
+                thread.join(2.0)
+        for sock, owned in listeners:
+            if owned:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            sock.close()  # a shared listener stays open in the processes that share it
+        if wake is not None:
+            os.close(wake[0])
+            os.close(wake[1])
         for connection in connections:
             connection.close("router closed")
         for connection in connections:
             connection.wait_closed(2.0)
+        with self._lock:  # the drops are counted once the close callbacks have run
+            self._gone.wait_for(lambda: not self._connections, 2.0)
+        self._stopping.set()
+        if publishing and self.shared_metrics is not None:
+            self.shared_metrics.publish(self.snapshot())  # this process's last word, for the others
+        for server in admin_servers:
+            server.close()
 
-    def _accept_loop(self, listener: socket.socket) -> None:
-        if self.fleet is not None:
-            listener.setblocking(False)  # several processes accept on it
+    def _accept_loop(self, listener: socket.socket, wake_fd: int) -> None:
+        """Accept tunnels until :meth:`close` writes to the wake pipe.
+
+        Non-blocking, because the listener may be shared by several router
+        processes: whichever accepts first takes the tunnel. In a fleet, a
+        worker holding more tunnels than another leaves it a moment to.
+        """
+        listener.setblocking(False)
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(wake_fd, select.POLLIN)
         while True:
+            events = poller.poll()
+            if self._closed:
+                return
+            if not any(fd != wake_fd for fd, _ in events):
+                continue
+            if self.fleet is not None and not self.fleet.least_loaded():
+                time.sleep(0.05)  # a less loaded worker takes it; if none has within a moment, we do
+                if self._closed:
+                    return
             try:
-                if self.fleet is not None:
-                    self._wait_for_my_turn(listener)
                 sock, _ = listener.accept()
                 sock.setblocking(True)
             except BlockingIOError:
                 continue  # another worker took it
             except OSError:
-                if self._closed or listener.fileno() < 0:
+                if self._closed:
                     return
                 log.exception("accepting a tunnel failed")
                 time.sleep(0.1)  # out of file descriptors, say: do not spin
@@ -197,20 +250,6 @@ class Router:
             # The opening (plain wire or PTTH upgrade) has a deadline, and a slow
             # or silent peer must not hold up the next one: a thread each.
             threading.Thread(target=self._open_tunnel, args=(sock,), name="ptth-handshake", daemon=True).start()
-
-    def _wait_for_my_turn(self, listener: socket.socket) -> None:
-        """Wait until a tunnel is waiting and this worker should take it (the least loaded)."""
-        poller = select.poll()
-        poller.register(listener, select.POLLIN)
-        while not self._closed:
-            if not poller.poll(1000):
-                continue
-            if self.fleet is None or self.fleet.least_loaded():
-                return
-            # A less loaded worker takes it; if none has within a moment, we do.
-            time.sleep(0.05)
-            if poller.poll(0):
-                return
 
     def _open_tunnel(self, sock: socket.socket) -> None:
         peer = _peer(sock)
@@ -226,6 +265,7 @@ class Router:
                     channel.do_handshake(self.handshake_timeout)
                 except (ssl.SSLError, OSError) as exc:
                     log.warning("Tunnel from %s failed the TLS handshake: %s", peer, exc)
+                    self.metrics.opening_failed("timeout" if isinstance(exc, socket.timeout) else "tls")
                     sock.close()
                     return False
                 sock = channel  # type: ignore[assignment]
@@ -234,29 +274,99 @@ class Router:
             return True
         except HandshakeRefused as exc:
             log.warning("Tunnel from %s refused: %s", peer, exc.reason)
-        except (HandshakeFailed, OSError) as exc:
-            log.warning("Tunnel from %s failed to open: %s", peer, exc)
+            self.metrics.opening_failed("unauthorized" if exc.status == 401 else "forbidden")
         except ConnectionClosed:
             pass  # the router closed meanwhile
+        except (HandshakeFailed, OSError) as exc:
+            log.warning("Tunnel from %s failed to open: %s", peer, exc)
+            self.metrics.opening_failed(_handshake_failure(exc))
         sock.close()
         return False
 
     def _tunnel_ready(self, connection: Connection) -> None:
         with self._lock:
             origin = self._origins.pop(id(connection), ANY)
+        self.metrics.tunnel_added(connection, origin)
         self.pool.add(connection, origin)
         log.info("Tunnel added: %s", connection.name)
 
     def _tunnel_closed(self, connection: Connection, reason: str) -> None:
-        with self._lock:
-            self._connections.pop(id(connection), None)
-            self._origins.pop(id(connection), None)
         if self.fleet is not None:
             self.fleet.tunnel_removed()
         if self.pool.remove(connection):
+            self.metrics.tunnel_dropped(connection, reason)
             log.info("Tunnel removed: %s: %s", connection.name, reason)
         else:
+            self.metrics.opening_failed(opening_failure_reason(reason))
             log.warning("Tunnel from %s closed before it was ready: %s", connection.name, reason)
+        with self._lock:
+            self._connections.pop(id(connection), None)
+            self._origins.pop(id(connection), None)
+            self._gone.notify_all()
+
+    # -- admin ----------------------------------------------------------------
+
+    @staticmethod
+    def bind_admin(addr: AddressLike) -> socket.socket:
+        """Bind and listen on ``addr`` for the admin endpoints without serving yet (for pre-fork servers)."""
+        return _bind(addr, 64)
+
+    def listen_admin(self, addr: AddressLike) -> Address:
+        """Serve ``/metrics``, ``/status`` and ``/healthz`` on ``addr`` in the background; returns the address bound.
+
+        Keep it on loopback: it shows every tunnel's peer and the router's traffic.
+        """
+        sock = self.bind_admin(addr)
+        host, port = sock.getsockname()[:2]
+        if not is_loopback(host):
+            log.warning("The admin listener on %s is reachable beyond this host: it shows every tunnel's "
+                        "address and the router's traffic to anyone who connects", format_address((host, port)))
+        self.serve_admin(sock)
+        return (host, port)
+
+    def serve_admin(self, sock: socket.socket) -> None:
+        """Serve the admin endpoints on an already listening socket, in background threads.
+
+        With :attr:`shared_metrics` set, the socket may be one all router
+        processes serve: this one then also publishes its snapshot for them.
+        """
+        server = AdminServer(sock, self.admin_view)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._admin_servers.append(server)
+                publish = self.shared_metrics is not None and not self._publishing
+                self._publishing = self._publishing or publish
+        if closed:
+            server.close()
+            msg = "router is closed"
+            raise ConnectionClosed(msg, request_sent=False)
+        server.start()
+        if publish:
+            threading.Thread(target=self._publish_loop, name="ptth-metrics", daemon=True).start()
+
+    def snapshot(self) -> Dict[str, Any]:
+        """This process's counters, gauges and live tunnels, JSON-able (see :mod:`ptth_sync.router.metrics`)."""
+        origins = self.pool.origins()
+        pid = os.getpid()
+        return {
+            "pid": pid,
+            "counters": self.metrics.counters(),
+            "origins": origins,
+            "waiting": sum(self.pool.waiting(origin) for origin in origins),
+            "tunnels": self.metrics.tunnels(pid),
+        }
+
+    def admin_view(self) -> Dict[str, Any]:
+        """What the admin endpoints present: this process's snapshot, added to the other workers' when shared."""
+        if self.shared_metrics is not None:
+            return self.shared_metrics.collect(self.snapshot())
+        return merge([self.snapshot()])
+
+    def _publish_loop(self) -> None:
+        shared = self.shared_metrics
+        while shared is not None and not self._stopping.wait(PUBLISH_INTERVAL):
+            shared.publish(self.snapshot())
 
     # -- requests -------------------------------------------------------------
 
@@ -264,60 +374,83 @@ class Router:
         try:
             headers = request_headers(environ)
         except InvalidHeader as exc:
-            return _error(start_response, 400, "Bad Request", str(exc))
+            return self._reply_error(start_response, 400, "Bad Request", str(exc))
         method = environ["REQUEST_METHOD"]
         target = headers[3][1].decode("latin-1")
         body = _RequestBody(environ, self.max_body_size)
         if body.too_large:
             log.info("%s %s: 413, a body of %s bytes over the limit of %d", method, target, body.length,
                      self.max_body_size)
-            return _too_large(start_response, self.max_body_size)
+            return self._reply_error(start_response, 413, *_too_large(self.max_body_size))
         origin = ANY
         if self.pool.has_origins:
             origin = self._route(environ)
             if origin is None:
                 host = environ.get("HTTP_HOST", "")
-                return _error(start_response, 421, "Misdirected Request", f"no backend serves the host {host!r}")
+                return self._reply_error(start_response, 421, "Misdirected Request",
+                                         f"no backend serves the host {host!r}")
         tried: List[Connection] = []
+        started: Optional[float] = None  # when the router first called a tunnel for this request
         while True:
             tunnel = self.pool.choose(exclude=tried, wait=self.tunnel_wait if not tried else 0.0, origin=origin)
             if tunnel is None:
                 if tried:
-                    return _error(start_response, 502, "Bad Gateway", "the tunnel failed before the response")
-                return _error(start_response, 503, "Service Unavailable", "no tunnel is connected")
+                    return self._reply_error(start_response, 502, "Bad Gateway",
+                                             "the tunnel failed before the response", started, body)
+                return self._reply_error(start_response, 503, "Service Unavailable", "no tunnel is connected")
             limit = tunnel.peer_max_header_list_size
             if limit is not None and header_list_size(headers) > limit:
                 # Sent anyway, the backend's h2 would fail the whole tunnel.
                 log.info("%s %s: 431, headers of %d bytes over the backend's %d", method, target,
                          header_list_size(headers), limit)
-                return _error(start_response, 431, "Request Header Fields Too Large",
-                              f"the request's headers exceed the backend's limit of {limit} bytes")
+                return self._reply_error(start_response, 431, "Request Header Fields Too Large",
+                                         f"the request's headers exceed the backend's limit of {limit} bytes",
+                                         started, body)
+            if started is None:
+                started = time.monotonic()
             try:
                 stream, response = self._exchange(tunnel, headers, body)
             except StreamTimeout:
-                return _error(start_response, 504, "Gateway Timeout", "the backend did not answer in time")
+                return self._reply_error(start_response, 504, "Gateway Timeout", "the backend did not answer in time",
+                                         started, body)
             except (ConnectionClosed, StreamReset) as exc:
                 if body.too_large:
-                    return _too_large(start_response, self.max_body_size)
+                    return self._reply_error(start_response, 413, *_too_large(self.max_body_size), started, body)
                 if _retryable(exc) and body.replayable and not tried:  # once, never more
                     log.info("%s %s: retrying on another tunnel (%s)", method, target, exc)
                     tried.append(tunnel)
                     continue
                 log.warning("%s %s: tunnel %s failed before the response: %s", method, target, tunnel.name, exc)
-                return _error(start_response, 502, "Bad Gateway", "the tunnel failed before the response")
+                return self._reply_error(start_response, 502, "Bad Gateway", "the tunnel failed before the response",
+                                         started, body)
             break
         try:
             code, status = response_status(response)
         except (InvalidHeader, ValueError):
             stream.close()
             body.finish()
-            return _error(start_response, 502, "Bad Gateway", "the backend sent an invalid response")
+            return self._reply_error(start_response, 502, "Bad Gateway", "the backend sent an invalid response",
+                                     started, body)
         start_response(status, response_headers(response))
         if method == "HEAD" or code in _NO_BODY_STATUSES:
             stream.close()
             body.finish()
+            self.metrics.request_done(code, started, body.sent, 0, tunnel)
             return []
-        return _ResponseBody(stream, body, self.timeout)
+        return _ResponseBody(stream, body, self.timeout, self.metrics, code, started, tunnel)
+
+    def _reply_error(
+        self,
+        start_response: StartResponse,
+        code: int,
+        phrase: str,
+        detail: str,
+        started: Optional[float] = None,
+        body: Optional[_RequestBody] = None,
+    ) -> List[bytes]:
+        """Answer the client with an error of the router's own, and count it."""
+        self.metrics.request_done(code, started, body.sent if body is not None else 0)
+        return _error(start_response, code, phrase, detail)
 
     def _route(self, environ: Dict[str, Any]) -> Optional[str]:
         """The origin whose tunnels serve this request (``*``: the default pool); None when none does."""
@@ -337,6 +470,7 @@ class Router:
         try:
             if small is not None:
                 stream.send_data(small, end_stream=True, timeout=self.timeout)
+                body.sent += len(small)
             elif body.present:
                 body.start_upload(stream, self.timeout)
             return stream, stream.wait_headers(self.timeout)
@@ -351,6 +485,31 @@ def _peer(sock: socket.socket) -> str:
         return format_address(sock.getpeername()[:2])
     except OSError:
         return "?"
+
+
+def _bind(addr: AddressLike, backlog: int) -> socket.socket:
+    """A TCP socket bound to ``addr`` and listening."""
+    address = parse_address(addr)  # type: ignore[arg-type]
+    infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _handshake_failure(exc: Exception) -> str:
+    """The refusal category of a tunnel opening that failed with ``exc``."""
+    if isinstance(exc, socket.timeout) or (isinstance(exc, HandshakeFailed) and str(exc).startswith("no complete")):
+        return "timeout"
+    if isinstance(exc, HandshakeFailed):
+        return "bad_request"
+    return "network"
 
 
 def _retryable(exc: Exception) -> bool:
@@ -374,6 +533,8 @@ class _RequestBody:
         self.too_large = max_size is not None and self.length is not None and self.length > max_size
         self._small: Optional[bytes] = None
         self._upload: Optional[threading.Thread] = None
+        #: Bytes of the body forwarded to backends (final once :meth:`finish` returned).
+        self.sent = 0
 
     @property
     def replayable(self) -> bool:
@@ -418,6 +579,7 @@ class _RequestBody:
                     stream.reset(ErrorCodes.CANCEL)
                     return
                 stream.send_data(data, timeout=timeout)
+                self.sent = sent
             if remaining:
                 log.info("client sent %d bytes less than its Content-Length", remaining)
                 stream.reset(ErrorCodes.CANCEL)
@@ -440,10 +602,25 @@ class _RequestBody:
 class _ResponseBody:
     """The WSGI iterable that streams the backend's response as it arrives."""
 
-    def __init__(self, stream: Stream, body: _RequestBody, timeout: float) -> None:
+    def __init__(
+        self,
+        stream: Stream,
+        body: _RequestBody,
+        timeout: float,
+        metrics: RouterMetrics,
+        code: int,
+        started: Optional[float],
+        tunnel: Connection,
+    ) -> None:
         self._stream = stream
         self._body = body
         self._timeout = timeout
+        self._metrics: Optional[RouterMetrics] = metrics
+        self._code = code
+        self._started = started
+        self._tunnel = tunnel
+        self._sent = 0  # to the client
+        self._broken = False
 
     def __iter__(self) -> Iterator[bytes]:
         stream = self._stream
@@ -452,19 +629,25 @@ class _ResponseBody:
                 data = stream.read(-1, self._timeout)
             except (ConnectionClosed, StreamReset, StreamTimeout) as exc:
                 log.warning("stream %d broke after the response started: %s", stream.id, exc)
+                self._broken = True
                 msg = f"tunnel failed mid-response: {exc}"
                 raise TunnelBroken(msg) from None
             if not data:
                 return
             yield data
+            self._sent += len(data)
 
     def close(self) -> None:
         self._stream.close()
         self._body.finish()
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            metrics.request_done(self._code, self._started, self._body.sent, self._sent, self._tunnel, self._broken)
 
 
-def _too_large(start_response: StartResponse, limit: Optional[int]) -> List[bytes]:
-    return _error(start_response, 413, "Content Too Large", f"the request body exceeds {limit} bytes")
+def _too_large(limit: Optional[int]) -> Tuple[str, str]:
+    """The phrase and detail of a 413."""
+    return "Content Too Large", f"the request body exceeds {limit} bytes"
 
 
 def _error(start_response: StartResponse, code: int, phrase: str, detail: str) -> List[bytes]:

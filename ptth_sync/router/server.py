@@ -1,16 +1,17 @@
 """``python -m ptth_sync.router``: the router on an embedded gunicorn server.
 
-The master process binds both listeners (so ``:0`` works and a restarted
-worker inherits them); the single worker process accepts tunnels and serves
-HTTP with :class:`~ptth_sync.router.worker.RouterWorker`, a threaded gunicorn
+The master process binds the listeners (so ``:0`` works and a restarted
+worker inherits them); the worker processes accept tunnels and serve HTTP
+with :class:`~ptth_sync.router.worker.RouterWorker`, a threaded gunicorn
 worker: gunicorn brings HTTP/1.1 parsing, keep-alive, timeouts, signals and
-the access log.
+the access log. With ``--admin``, every worker also serves the admin
+endpoints on the listener the master bound, answering for all of them
+(see :mod:`ptth_sync.router.admin`).
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import socket
 import ssl
@@ -30,6 +31,7 @@ from ..cli import (
 )
 from ..connection import ConnectionSettings
 from ..tls import server_context
+from .admin import SharedMetrics, is_loopback
 from .app import Router
 from .fleet import WorkerFleet
 from .worker import RouterWorker
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http-certfile", default=None, metavar="FILE",
                         help="serve the public HTTP side as HTTPS with this certificate (chain)")
     parser.add_argument("--http-keyfile", default=None, metavar="FILE", help="the private key for --http-certfile")
+    parser.add_argument("--admin", default=None, metavar="HOST:PORT",
+                        help="serve Prometheus /metrics, a JSON /status and /healthz here (default: off; "
+                             "keep it on loopback)")
     parser.add_argument("--access-logfile", default=None, metavar="FILE",
                         help="write gunicorn's access log to FILE ('-' for stdout)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -88,9 +93,10 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
     """gunicorn with one or more worker processes serving a :class:`Router`."""
 
     def __init__(self, router: Router, tunnel_listener: socket.socket, options: Dict[str, Any],
-                 tokens_file: Optional[str] = None) -> None:
+                 tokens_file: Optional[str] = None, admin_listener: Optional[socket.socket] = None) -> None:
         self.router = router
         self.tunnel_listener = tunnel_listener
+        self.admin_listener = admin_listener
         self.options = options
         self.tokens_file = tokens_file
         super().__init__()
@@ -101,6 +107,8 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
         self.cfg.set("when_ready", self._when_ready)
         self.cfg.set("post_worker_init", self._post_worker_init)
         self.cfg.set("worker_exit", self._worker_exit)
+        self.cfg.set("child_exit", self._child_exit)
+        self.cfg.set("on_exit", self._on_exit)
 
     def load(self) -> Router:
         return self.router
@@ -117,6 +125,8 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
             self.router.fleet.join()
         self._reload_tokens()
         self.router.serve_tunnels(self.tunnel_listener)
+        if self.admin_listener is not None:
+            self.router.serve_admin(self.admin_listener)
 
     def _reload_tokens(self) -> None:
         """A new worker (after SIGHUP, say) reads the tokens file again; a broken file keeps the old tokens."""
@@ -133,6 +143,15 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
     def _worker_exit(self, server: Any, worker: Any) -> None:
         self.router.close()
 
+    def _child_exit(self, server: Any, worker: Any) -> None:
+        # The master: keep the counters of the worker that exited.
+        if self.router.shared_metrics is not None:
+            self.router.shared_metrics.retire(worker.pid)
+
+    def _on_exit(self, server: Any) -> None:
+        if self.router.shared_metrics is not None:
+            self.router.shared_metrics.remove()
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
@@ -142,6 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         http_address = parse_address(args.http)
         tunnel_address = parse_address(args.tunnels)
+        admin_address = parse_address(args.admin) if args.admin else None
     except ValueError as exc:
         parser.error(str(exc))
     if args.ca_certs and not args.certfile:
@@ -171,10 +191,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("Cannot listen for tunnels on %s: %s", format_address(tunnel_address), exc)
         return 1
     log.info("Listening for reverse tunnels on tcp://%s", format_address(listener.getsockname()[:2]))
-    if not router.access.required and tunnel_tls is None and not _is_loopback(tunnel_address[0]):
+    if not router.access.required and tunnel_tls is None and not is_loopback(tunnel_address[0]):
         log.warning("The tunnel listener on %s is reachable beyond this host with neither --token nor "
                     "TLS: anyone who can connect can register as a backend and receive your traffic",
                     format_address(tunnel_address))
+    admin_listener = None
+    if admin_address is not None:
+        try:
+            admin_listener = Router.bind_admin(admin_address)
+        except OSError as exc:
+            log.error("Cannot listen for the admin endpoints on %s: %s", format_address(admin_address), exc)
+            listener.close()
+            return 1
+        log.info("Admin listening on http://%s", format_address(admin_listener.getsockname()[:2]))
+        if not is_loopback(admin_address[0]):
+            log.warning("The admin listener on %s is reachable beyond this host: it shows every tunnel's "
+                        "address and the router's traffic to anyone who connects", format_address(admin_address))
+        router.shared_metrics = SharedMetrics.create()  # before the fork: every worker answers for all
     options = {
         "bind": [format_address(http_address)],
         "workers": args.workers,
@@ -191,13 +224,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         options["forwarded_allow_ips"] = args.forwarded_allow_ips
     if args.http_certfile:
         options.update({"certfile": args.http_certfile, "keyfile": args.http_keyfile})
-    RouterServer(router, listener, options, tokens_file=args.tokens_file).run()
+    try:
+        RouterServer(router, listener, options, tokens_file=args.tokens_file, admin_listener=admin_listener).run()
+    finally:
+        if router.shared_metrics is not None:
+            router.shared_metrics.remove()
     return 0
 
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

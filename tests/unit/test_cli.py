@@ -3,7 +3,7 @@ import argparse
 import pytest
 
 from ptth_sync.cli import add_token_arguments, read_token
-from ptth_sync.router.server import _is_loopback
+from ptth_sync.router.admin import is_loopback
 
 
 @pytest.mark.parametrize(("host", "loopback"), [
@@ -11,7 +11,7 @@ from ptth_sync.router.server import _is_loopback
     ("0.0.0.0", False), ("10.0.0.5", False), ("::", False), ("router.example", False),
 ])
 def test_only_loopback_listeners_skip_the_no_token_warning(host, loopback):
-    assert _is_loopback(host) is loopback
+    assert is_loopback(host) is loopback
 
 
 def parser() -> argparse.ArgumentParser:
