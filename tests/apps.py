@@ -140,3 +140,10 @@ def failing(environ, start_response):
     if environ["PATH_INFO"] == "/boom":
         raise RuntimeError("boom")
     return multi(environ, start_response)
+
+
+def fails_mid_body(environ, start_response):
+    """Starts a response, sends a piece of it, then raises: the tunnel must abort the client's response."""
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"partial"
+    raise RuntimeError("fails mid-body")

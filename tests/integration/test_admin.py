@@ -208,12 +208,7 @@ def test_closing_the_router_counts_its_tunnels_as_router_closed_and_stops_the_ad
 
 
 def test_a_response_cut_by_its_tunnel_is_counted_as_broken(router, admin, start_backend):
-    def fails_later(environ, start_response):
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        yield b"partial"
-        raise RuntimeError("fails mid-body")
-
-    start_backend(fails_later)
+    start_backend(apps.fails_mid_body)
     response = wsgi_request(router, "GET", "/")
     with pytest.raises(TunnelBroken):
         b"".join(response.iterable)

@@ -221,12 +221,7 @@ def test_app_that_raises_gives_500_and_the_tunnel_lives_on(router, start_backend
 
 
 def test_app_failing_mid_body_aborts_the_client_response(router, start_backend):
-    def fails_later(environ, start_response):
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        yield b"partial"
-        raise RuntimeError("fails mid-body")
-
-    start_backend(fails_later)
+    start_backend(apps.fails_mid_body)
     response = wsgi_request(router, "GET", "/")
     with pytest.raises(TunnelBroken):
         b"".join(response.iterable)
