@@ -21,6 +21,9 @@ side's sender blocks in ``sendall`` while its reader waits for the lock.
 
 Write order. HPACK state makes wire order matter, so the bytes h2 produces are
 appended to ``self._outbox`` while the lock is still held (production order).
+A large DATA payload is queued as the very object the sender passed (or a
+memoryview slice of it) behind its 9-byte frame header, and the outbox goes
+out in vectored writes: nothing copies it on the way (``_H2Connection``).
 Whoever holds ``self._write_lock`` takes the whole outbox under the lock and
 sends it, and keeps doing so until the outbox is empty; one sender at a time
 keeps the order. A user thread that finds another one sending leaves its bytes
@@ -29,6 +32,11 @@ is past its high-water mark: then it waits its turn, which bounds memory. The
 reader never sends and never waits for the write lock; it wakes the writer
 thread. A blocked ``sendall`` therefore never stops the reader, which keeps
 draining the peer's data and window updates.
+
+Reading. The reader asks the socket for the rest of a large DATA frame
+exactly, so the payload arrives in blocks of its own that reach the stream's
+consumer as they are (``_FrameBuffer``); small frames are read in large
+blocks.
 
 Flow control. A sender waits on its stream's condition until h2 reports a
 positive window; the reader notifies on ``WindowUpdated`` and
@@ -46,25 +54,30 @@ closes the socket and calls ``on_close`` exactly once.
 
 from __future__ import annotations
 
+import collections
 import logging
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
+import hyperframe.exceptions
 import hyperframe.frame
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from .errors import ConnectionClosed, StreamReset, StreamTimeout
-from .sockets import linger_close, peer_name, shutdown
+from .sockets import IOV_MAX as _IOV_MAX
+from .sockets import linger_close, peer_name, sendall_buffers, shutdown, unsent
 from .stream import Header, Stream
 from .waiting import WaitQueue, release
 
@@ -79,6 +92,243 @@ log = logging.getLogger("ptth_sync.connection")
 for _frame_class in (hyperframe.frame.DataFrame, hyperframe.frame.HeadersFrame, hyperframe.frame.ContinuationFrame):
     _frame_class._body_repr = lambda self: f"<payload len={len(self.data)}>"  # type: ignore[method-assign]
 
+
+class _Payload:
+    """A slice of a caller's buffer passed through h2 as DATA without being copied.
+
+    h2 only takes the ``len()`` of what it sends (and copies memoryviews);
+    :class:`_H2Connection` writes the slice itself after the frame header.
+    """
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2, with DATA frames leaving as their 9-byte header plus the caller's payload object.
+
+    Stock h2 copies a DATA payload about four times on its way out (body,
+    header + body, its output buffer, the bytes handed out); here the payload
+    stays where the caller put it and goes to the socket in a vectored write.
+    Flow control, stream states and everything else remain h2's: only the
+    serialisation of plain DATA frames changes. :meth:`take_output` returns the
+    pending output as a list of buffers in wire order.
+    """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        self._segments: List[Any] = []  # output ahead of self._data_to_send, in wire order
+
+    def _prepare_for_sending(self, frames: List[hyperframe.frame.Frame]) -> None:
+        for frame in frames:
+            data = frame.data if type(frame) is hyperframe.frame.DataFrame else None
+            if data is None or "PADDED" in frame.flags or (len(data) < _DIRECT_DATA and type(data) is bytes):
+                if type(data) is _Payload:
+                    frame.data = data.view.tobytes()
+                self._data_to_send += frame.serialize()
+                continue
+            if self._data_to_send:
+                self._segments.append(bytes(self._data_to_send))
+                self._data_to_send = bytearray()
+            size = len(data)
+            flags = 0x1 if "END_STREAM" in frame.flags else 0
+            self._segments.append(_FRAME_HEADER.pack(size >> 8, size & 0xFF, 0x0, flags, frame.stream_id))
+            self._segments.append(data.view if type(data) is _Payload else data)
+            frame.body_len = size
+
+    def take_output(self) -> List[Any]:
+        """Everything queued for the wire, as buffers in order; clears it."""
+        segments, self._segments = self._segments, []
+        if self._data_to_send:
+            segments.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        return segments
+
+    def data_to_send(self, amount: Optional[int] = None) -> bytes:
+        if self._segments:
+            self._data_to_send = bytearray(b"".join(self._segments)) + self._data_to_send
+            self._segments = []
+        return super().data_to_send(amount)
+
+    def clear_outbound_data_buffer(self) -> None:
+        self._segments = []
+        super().clear_outbound_data_buffer()
+
+
+class _Parts:
+    """A DATA payload that arrived in several blocks, passed through h2 without joining them."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: List[bytes], size: int) -> None:
+        self.parts = parts
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, without copying DATA payloads.
+
+    Received blocks are kept as they came. The reader asks for the rest of a
+    large DATA frame exactly (:meth:`next_read`), so its payload arrives as
+    blocks of its own, handed on as they are (a :class:`_Parts`); h2's own
+    buffer copies every payload three times. Frame-length checks, header-block
+    assembly and the client preface check are h2's, except that an overlong
+    frame is refused as soon as its length is in rather than once all of it is.
+    """
+
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server=server)
+        self._blocks: Deque[bytes] = collections.deque()
+        self._offset = 0  # into self._blocks[0]
+        self._size = 0  # bytes buffered, from the offset on
+        self._bulk = False  # the last frame was a large DATA frame: read the next header alone
+        self._preface = self._preamble
+        self._preface_left = len(self._preface)
+
+    def add_data(self, data: Any) -> None:
+        if self._preface_left:
+            view = memoryview(data)
+            used = min(self._preface_left, len(view))
+            if self._preface[:used] != view[:used]:
+                msg = "Invalid HTTP/2 preamble."
+                raise h2.exceptions.ProtocolError(msg)
+            self._preface = self._preface[used:]
+            self._preface_left -= used
+            data = view[used:]
+        if type(data) is not bytes:
+            data = bytes(data)
+        if data:
+            self._blocks.append(data)
+            self._size += len(data)
+
+    def next_read(self, default: int) -> int:
+        """How many bytes the reader should ask for next.
+
+        The rest of a large DATA frame exactly, so that its payload arrives in
+        blocks of its own; after such a frame, the next frame header alone
+        (the payload that follows is probably large too); else ``default``.
+        """
+        size = self._size
+        if size < 9:
+            return 9 - size if self._bulk else default
+        header = self._peek(9)
+        missing = 9 + int.from_bytes(header[:3], "big") - size
+        if header[3] == 0x0 and missing >= _DIRECT_READ:
+            return missing
+        return default
+
+    def _peek(self, size: int) -> bytes:
+        first = self._blocks[0]
+        start = self._offset
+        if len(first) - start >= size:
+            return first[start : start + size]
+        return b"".join(self._blocks)[start : start + size]
+
+    def _take(self, size: int) -> List[bytes]:
+        """Remove the next ``size`` buffered bytes (``0 < size <= self._size``), as whole blocks where possible."""
+        blocks = self._blocks
+        self._size -= size
+        parts = []
+        while size:
+            block = blocks[0]
+            start = self._offset
+            available = len(block) - start
+            if available <= size:
+                blocks.popleft()
+                self._offset = 0
+                parts.append(block if start == 0 else block[start:])
+                size -= available
+            else:
+                self._offset = start + size
+                parts.append(block[start : start + size])
+                size = 0
+        return parts
+
+    def _skip(self, size: int) -> None:
+        blocks = self._blocks
+        self._size -= size
+        while size:
+            available = len(blocks[0]) - self._offset
+            if available <= size:
+                blocks.popleft()
+                self._offset = 0
+                size -= available
+            else:
+                self._offset += size
+                size = 0
+
+    def __next__(self) -> hyperframe.frame.Frame:
+        while True:
+            if self._size < 9:
+                if self._size >= 3:
+                    self._validate_frame_length(int.from_bytes(self._peek(3), "big"))
+                raise StopIteration
+            header = self._peek(9)
+            try:
+                frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(header))
+            except (hyperframe.exceptions.InvalidDataError, hyperframe.exceptions.InvalidFrameError) as err:
+                msg = f"Received frame with invalid header: {err!s}"
+                raise h2.exceptions.ProtocolError(msg) from err
+            self._validate_frame_length(length)
+            if self._size < 9 + length:
+                raise StopIteration
+            self._skip(9)
+            parts = self._take(length) if length else [b""]
+            self._bulk = False
+            if type(frame) is hyperframe.frame.DataFrame and "PADDED" not in frame.flags:
+                frame.data = parts[0] if len(parts) == 1 else _Parts(parts, length)
+                frame.body_len = length
+                self._bulk = length >= _DIRECT_READ
+            else:
+                body = parts[0] if len(parts) == 1 else b"".join(parts)
+                try:
+                    frame.parse_body(memoryview(body))
+                except hyperframe.exceptions.InvalidDataError as err:
+                    msg = "Received frame with non-compliant data"
+                    raise h2.exceptions.ProtocolError(msg) from err
+                except hyperframe.exceptions.InvalidFrameError as err:
+                    msg = "Frame data missing or invalid"
+                    raise h2.exceptions.FrameDataMissingError(msg) from err
+            complete = self._update_header_buffer(frame)
+            if complete is not None:
+                return complete
+
+
+_allocator_tuned = False
+
+
+def _tune_allocator() -> None:
+    """Let MiB-sized body buffers come from the heap rather than fresh pages (once per process).
+
+    glibc serves each allocation over its mmap threshold (128 KiB at first)
+    with fresh pages from the kernel, zeroed and faulted in one by one, and
+    gives them back when freed: for the MiB-sized buffers that bodies pass
+    through (here, and in gunicorn's request-body reader on the router) that
+    costs more than copying them. Freeing such a block raises the threshold
+    to its size (mallopt(3), "dynamic mmap threshold"): done once, for blocks
+    up to 4 MiB, when a process opens its first tunnel (a no-op with other
+    allocators).
+    """
+    global _allocator_tuned
+    if not _allocator_tuned:
+        _allocator_tuned = True
+        bytes(4 * 1024 * 1024)
+
+
+_FRAME_HEADER = struct.Struct(">HBBBL")
+# DATA payloads at least this large are written without being copied.
+_DIRECT_DATA = 4096
+# DATA frames at least this large are read on their own (see _FrameBuffer.next_read).
+_DIRECT_READ = 64 * 1024
 _MAX_WINDOW = 2**31 - 1
 _CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
 # Past this many queued bytes a DATA sender waits to write instead of queueing more.
@@ -159,7 +409,8 @@ class Connection:
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2 = _H2Connection(config)
+        _tune_allocator()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._writer_waiting = WaitQueue()
@@ -169,7 +420,7 @@ class Connection:
         # None wakes every one (the limit itself changed).
         self._slots_freed: Optional[int] = 0
         self._streams: Dict[int, Stream] = {}
-        self._outbox: List[bytes] = []
+        self._outbox: List[Any] = []  # buffers (bytes, memoryviews) in wire order
         self._queued_bytes = 0
         self._attempted_bytes = 0
         self._error: Optional[ConnectionClosed] = None
@@ -373,6 +624,8 @@ class Connection:
         timeout: Optional[float],
     ) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        if type(data) is not bytes:
+            data = bytes(data)  # queued as is until written: must not change meanwhile
         total = len(data)
         pos = 0
         view = memoryview(data) if total else None
@@ -396,7 +649,7 @@ class Connection:
                         window = self._wait_window(stream, deadline)
                         n = min(window, h2conn.max_outbound_frame_size, total - pos)
                         last = pos + n == total
-                        chunk = data if n == total else view[pos : pos + n].tobytes()  # type: ignore[index]
+                        chunk = data if n == total else _Payload(view[pos : pos + n])  # type: ignore[index]
                         h2conn.send_data(sid, chunk, end_stream=end_stream and last)
                         pos += n
                         if last and end_stream:
@@ -424,11 +677,11 @@ class Connection:
             stream._waiting.wait(self._lock, remaining)
 
     def _queue_output(self) -> None:
-        """Move h2's pending bytes to the outbox (lock held), keeping production order."""
-        data = self._h2.data_to_send()
-        if data:
-            self._outbox.append(data)
-            self._queued_bytes += len(data)
+        """Move h2's pending output to the outbox (lock held), keeping production order."""
+        segments = self._h2.take_output()
+        if segments:
+            self._outbox += segments
+            self._queued_bytes += sum(map(len, segments))
 
     def _flush(self, wait: bool = False) -> None:
         """Send what is queued, unless another thread is sending already: it sends ours too.
@@ -448,11 +701,10 @@ class Connection:
                 if not outbox or self._error is not None:
                     self._write_lock.release()
                     return
-                data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
                 self._outbox = []
-                self._attempted_bytes += len(data)
+                self._attempted_bytes += sum(map(len, outbox))
             try:
-                sock.sendall(data)
+                sendall_buffers(sock, outbox)
             except OSError as exc:
                 with self._lock:
                     self._fail(f"write failed: {exc}")
@@ -470,19 +722,20 @@ class Connection:
         """
         if self._can_send_nonblocking and self._write_lock.acquire(blocking=False):
             with self._lock:
-                data = b"".join(self._outbox)
+                outbox = self._outbox
                 self._outbox = []
-                self._attempted_bytes += len(data)
+                size = sum(map(len, outbox))
+                self._attempted_bytes += size
             try:
-                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                sent = self.sock.sendmsg(outbox[:_IOV_MAX], (), socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
-                sent = len(data)  # the connection is failing; the reader will hear of it
+                sent = size  # the connection is failing; the reader will hear of it
             with self._lock:
-                if sent < len(data):
-                    self._outbox.insert(0, data[sent:])
-                    self._attempted_bytes -= len(data) - sent
+                if sent < size:
+                    self._outbox[:0] = unsent(outbox, sent)
+                    self._attempted_bytes -= size - sent
                 # Released under the state lock, as in _flush, so nothing is stranded.
                 self._write_lock.release()
                 waiters = self._writer_waiting.take() if self._outbox else []
@@ -514,12 +767,12 @@ class Connection:
             return
         try:
             with self._lock:
-                data = b"".join(self._outbox)
+                outbox = self._outbox
                 self._outbox = []
-                self._attempted_bytes += len(data)
-            if data:
+                self._attempted_bytes += sum(map(len, outbox))
+            if outbox:
                 self.sock.settimeout(1.0)
-                self.sock.sendall(data)
+                sendall_buffers(self.sock, outbox)
         except OSError:
             pass
         finally:
@@ -558,6 +811,7 @@ class Connection:
     def _receive_until_closed(self) -> str:
         sock = self.sock
         recv_size = self.settings.recv_size
+        next_read = self._h2.incoming_buffer.next_read
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes already
@@ -573,7 +827,7 @@ class Connection:
                         if reason is not None:
                             return reason
                 try:
-                    data = receive(recv_size)
+                    data = receive(next_read(recv_size))
                 except ssl.SSLWantReadError:
                     continue  # a partial TLS record: poll again
                 except OSError as exc:
@@ -689,16 +943,8 @@ class Connection:
         buffered = getattr(self._h2.incoming_buffer, "_headers_buffer", ())
         if buffered and sum(len(frame.data) for frame in buffered) > s.max_header_block:
             return f"peer sent a header block over {s.max_header_block} bytes"
-        # h2 checks a frame's length only once the whole frame is buffered: a
-        # header announcing 16 MiB (or bytes that are not HTTP/2 at all) would
-        # hold the connection, and that much memory, until then.
-        pending = getattr(self._h2.incoming_buffer, "_data", b"")
-        if len(pending) >= 3:
-            length = int.from_bytes(pending[:3], "big")
-            if length > self._h2.max_inbound_frame_size:
-                limit = self._h2.max_inbound_frame_size
-                return f"protocol error from peer: Received overlong frame: length {length}, max {limit}"
-        return None
+        # (A frame announced longer than we accept is refused as soon as its
+        # header is in, by _FrameBuffer: it never holds memory or the connection.)
         return None
 
     def _goaway_locked(self, error_code: int, reason: str) -> None:
@@ -724,7 +970,10 @@ class Connection:
             if flow > len(data):  # padding is credited at once
                 self._h2.acknowledge_received_data(flow - len(data), event.stream_id)
             if data:
-                stream._chunks.append(data)
+                if type(data) is _Parts:
+                    stream._chunks.extend(data.parts)
+                else:
+                    stream._chunks.append(data)
                 stream._buffered += len(data)
                 wake.add(stream)
         elif isinstance(event, (h2.events.RequestReceived, h2.events.ResponseReceived)):
@@ -816,7 +1065,7 @@ class Connection:
             self._streams.pop(stream.id, None)
             unread = stream._buffered
             stream._chunks.clear()
-            stream._buffered = 0
+            stream._offset = stream._buffered = 0
             if self._error is None:
                 finished = stream._local_ended and stream._remote_ended and stream._error is None
                 if force_reset or (not finished and not isinstance(stream._error, StreamReset)):

@@ -1,12 +1,52 @@
-"""Closing sockets politely, and naming their peers."""
+"""Writing buffers without joining them, closing sockets politely, and naming their peers."""
 
 from __future__ import annotations
 
 import select
 import socket
 import time
+from typing import Any, List, Sequence
 
-__all__ = ["linger_close", "peer_name", "shutdown"]
+__all__ = ["IOV_MAX", "linger_close", "peer_name", "sendall_buffers", "shutdown", "unsent"]
+
+#: Buffers handed to one vectored write (Linux and the BSDs take up to 1024).
+IOV_MAX = 1024
+
+
+def sendall_buffers(sock: Any, buffers: Sequence[Any]) -> None:
+    """``sendall`` of several buffers in order, without joining them first.
+
+    A plain socket gets vectored writes (``sendmsg``); anything else (a
+    :class:`~ptth_sync.tls.TLSChannel`) its own ``sendall_buffers`` if it has
+    one, else ``sendall`` of the joined bytes.
+    """
+    if len(buffers) == 1:
+        sock.sendall(buffers[0])
+        return
+    if not isinstance(sock, socket.socket):
+        send_many = getattr(sock, "sendall_buffers", None)
+        if send_many is not None:
+            send_many(buffers)
+        else:
+            sock.sendall(b"".join(buffers))
+        return
+    pending = list(buffers)
+    while pending:
+        sent = sock.sendmsg(pending[:IOV_MAX])
+        pending = unsent(pending, sent)
+
+
+def unsent(buffers: Sequence[Any], sent: int) -> List[Any]:
+    """What remains of ``buffers`` once their first ``sent`` bytes are gone (no copying)."""
+    for index, buffer in enumerate(buffers):
+        size = len(buffer)
+        if sent < size:
+            rest = list(buffers[index:])
+            if sent:
+                rest[0] = memoryview(buffer)[sent:]
+            return rest
+        sent -= size
+    return []
 
 
 def linger_close(sock: socket.socket, seconds: float = 0.25, limit: int = 1024 * 1024) -> None:

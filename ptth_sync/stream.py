@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 from typing import TYPE_CHECKING, Deque, List, Optional, Sequence, Tuple
 
 from h2.errors import ErrorCodes
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
 __all__ = ["Header", "Stream"]
 
 Header = Tuple[bytes, bytes]
+
+#: A received piece this large is handed to a ``read(-1)`` on its own, not copied into a bigger one.
+_LARGE_PIECE = 64 * 1024
 
 
 class Stream:
@@ -32,7 +36,8 @@ class Stream:
         self.trailers: Optional[List[Header]] = None
         self._waiting = WaitQueue()
         self._chunks: Deque[bytes] = collections.deque()
-        self._buffered = 0
+        self._offset = 0  # bytes of _chunks[0] already read
+        self._buffered = 0  # bytes in _chunks not read yet
         self._remote_ended = False
         self._local_ended = False
         self._error: Optional[Exception] = None
@@ -74,8 +79,10 @@ class Stream:
     def read(self, size: int = -1, timeout: Optional[float] = None) -> bytes:
         """Return up to ``size`` bytes of body as soon as any are there.
 
-        Returns ``b""`` at the end of the stream; ``size < 0`` returns whatever
-        is buffered (at least one byte unless the stream has ended).
+        Returns ``b""`` at the end of the stream; ``size < 0`` returns what is
+        buffered (at least one byte unless the stream has ended), except that
+        large pieces come one per call, as they arrived, rather than copied
+        together.
         """
         conn = self.connection
         with conn._lock:
@@ -88,28 +95,45 @@ class Stream:
         return data
 
     def _take(self, size: int) -> bytes:
+        """Remove and return up to ``size`` buffered bytes (lock held, something buffered).
+
+        ``size < 0``: the unread part of the first piece, joined with the small
+        pieces after it, if any. A piece that is returned whole is not copied;
+        a piece read in parts is not copied again for what is left of it.
+        """
         chunks = self._chunks
         first = chunks[0]
-        if size < 0 or size >= self._buffered:
-            data = first if len(chunks) == 1 else b"".join(chunks)
-            chunks.clear()
-        elif size >= len(first):
-            parts = []
-            taken = 0
-            while chunks and taken + len(chunks[0]) <= size:
-                part = chunks.popleft()
-                parts.append(part)
-                taken += len(part)
-            if taken < size and chunks:
-                head = chunks[0]
-                parts.append(head[: size - taken])
-                chunks[0] = head[size - taken :]
-            data = b"".join(parts)
-        else:
-            data = first[:size]
-            chunks[0] = first[size:]
-        self._buffered -= len(data)
-        return data
+        offset = self._offset
+        head = len(first) - offset  # unread bytes of the first piece
+        if size < 0:
+            size = head
+            if head < _LARGE_PIECE:
+                for chunk in itertools.islice(chunks, 1, None):
+                    if len(chunk) >= _LARGE_PIECE:
+                        break
+                    size += len(chunk)
+        elif size > self._buffered:
+            size = self._buffered
+        self._buffered -= size
+        if size < head:
+            self._offset = offset + size
+            return first[offset : offset + size]
+        chunks.popleft()
+        self._offset = 0
+        if size == head:
+            return first if offset == 0 else first[offset:]
+        parts = [first if offset == 0 else memoryview(first)[offset:]]
+        need = size - head
+        while need:
+            chunk = chunks[0]
+            if len(chunk) <= need:
+                parts.append(chunks.popleft())
+                need -= len(chunk)
+            else:
+                parts.append(memoryview(chunk)[:need])
+                self._offset = need
+                need = 0
+        return b"".join(parts)
 
     # -- sending ---------------------------------------------------------
 

@@ -24,7 +24,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 __all__ = ["TLSChannel", "client_context", "server_context"]
 
@@ -150,6 +150,17 @@ class TLSChannel:
         with self._send_lock:
             with self._lock:
                 self._ssl.write(data)
+                records = [*self._unsent, self._outgoing.read()]
+                self._unsent = []
+            self._sock.sendall(b"".join(records))
+
+    def sendall_buffers(self, buffers: Sequence[Any]) -> None:
+        """``sendall`` of several buffers, in order, encrypted without joining them first."""
+        with self._send_lock:
+            with self._lock:
+                for buffer in buffers:
+                    if len(buffer):
+                        self._ssl.write(buffer)
                 records = [*self._unsent, self._outgoing.read()]
                 self._unsent = []
             self._sock.sendall(b"".join(records))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -256,6 +257,71 @@ def test_many_concurrent_streams_share_one_connection():
         for thread in threads:
             thread.join(max(1.0, 30 - (time.monotonic() - start)))
         assert sorted(int(r) for r in results) == sizes
+    finally:
+        client.close()
+        server.close()
+
+
+def test_bodies_arrive_intact_whatever_the_piece_sizes_window_and_socket_buffers():
+    """Random bytes each way, written and read in pieces of odd sizes, through small windows and buffers.
+
+    DATA leaves as slices of the writer's objects and arrives as the reader's
+    blocks: every byte must still come out once, in order.
+    """
+    rng = random.Random(11)
+    up = rng.randbytes(5 * MIB + 333)
+    down = rng.randbytes(6 * MIB + 77)
+    write_sizes = [1, 9, 4095, 4096, 65_537, 300_000, MIB, MIB + 5, 2 * MIB + 1]
+    read_sizes = [1, 1000, 16_384, 65_536, 250_000, MIB, -1]
+    settings = ConnectionSettings(stream_window=300_000)
+    received = {}
+
+    def write(stream: Stream, data: bytes, seed: int) -> None:
+        pick = random.Random(seed)
+        position = 0
+        while position < len(data):
+            size = pick.choice(write_sizes)
+            stream.send_data(data[position : position + size])
+            position += size
+        stream.end()
+
+    def read(stream: Stream, seed: int) -> bytes:
+        pick = random.Random(seed)
+        parts = []
+        while True:
+            piece = stream.read(pick.choice(read_sizes), 30)
+            if not piece:
+                return b"".join(parts)
+            parts.append(piece)
+
+    def on_request(stream: Stream) -> None:
+        def respond() -> None:
+            stream.send_headers([(b":status", b"200")])
+            write(stream, down, 1)
+
+        def consume() -> None:
+            received["server"] = read(stream, 2)
+
+        threading.Thread(target=respond, daemon=True).start()
+        threading.Thread(target=consume, daemon=True).start()
+
+    client_sock, server_sock = tcp_pair(buffer_size=32 * 1024)
+    server = Connection(server_sock, client_side=False, on_request=on_request, settings=settings, name="server")
+    client = Connection(client_sock, client_side=True, settings=settings, name="client")
+    server.start()
+    client.start()
+    try:
+        assert client.wait_ready(5)
+        stream = client.open_stream(REQUEST)
+        sender = threading.Thread(target=write, args=(stream, up, 3))
+        sender.start()
+        stream.wait_headers(30)
+        received["client"] = read(stream, 4)
+        sender.join(30)
+        wait_until(lambda: "server" in received, 30, what="the server to read the upload")
+        assert received["client"] == down
+        assert received["server"] == up
+        stream.close()
     finally:
         client.close()
         server.close()
