@@ -35,8 +35,10 @@ StartResponse = Callable[..., Any]
 #: Request bodies up to this size (with a known length) are read before the
 #: stream opens: they go out with the headers and can be retried elsewhere.
 SMALL_BODY = 64 * 1024
-#: Bytes read from ``wsgi.input`` at a time when streaming a request body.
-UPLOAD_CHUNK = 256 * 1024
+#: Bytes read from ``wsgi.input`` at a time when streaming a request body: as
+#: much as gunicorn's reader takes from the socket at once, so it hands its
+#: blocks over whole instead of copying what is left of each.
+UPLOAD_CHUNK = 1024 * 1024
 
 _NO_BODY_STATUSES = (204, 304)
 
