@@ -35,9 +35,10 @@ Phases:
 3. Idle tunnels: a fresh router with one hello backend (p50 at c=1 and c=32,
    RSS and threads of its worker process), then ``--idle-tunnels`` more tunnels
    from extra backend processes (100 tunnels each, 4 threads): RSS and threads
-   per tunnel, and p50 again. Requests are then spread round-robin over all the
-   tunnels, so the extra backends also serve hello; the point is what holding
-   many tunnels costs the router.
+   per tunnel, and p50 again. The extra tunnels register for an origin of
+   their own (``IDLE_ORIGIN``), so they stay idle: the measured requests still
+   go to the one hello backend, and the difference is what holding (and
+   pinging) many tunnels costs the router.
 4. Peak RSS (VmHWM) of the router worker, the backend and the gunicorn worker
    at the end of phases 1 and 2.
 
@@ -422,11 +423,12 @@ def start_router(procs: Processes, name: str = "router", workers: int = 1) -> Ro
 
 
 def start_backend(
-    procs: Processes, router: RouterHandle, app: str, name: str, threads: int = SERVER_THREADS, tunnels: int = 1
+    procs: Processes, router: RouterHandle, app: str, name: str, threads: int = SERVER_THREADS, tunnels: int = 1,
+    origin: Optional[str] = None,
 ) -> Service:
     argv = python_module(
         "ptth_sync.backend", "--threads", str(threads), "--tunnels", str(tunnels),
-        "--connect", router.tunnel_address, app,
+        "--connect", router.tunnel_address, *(["--origin", origin] if origin else []), app,
     )
     return procs.start(name, argv, stop_wave=1)
 
@@ -823,14 +825,24 @@ def measure_p50(
     return result
 
 
+#: The origin the idle tunnels of phase 3 register for: no measured request asks for it.
+IDLE_ORIGIN = "http://idle.invalid"
+
+
 def start_idle_backends(procs: Processes, router: RouterHandle, count: int) -> List[Service]:
-    """Backends holding ``count`` tunnels in all, IDLE_TUNNELS_PER_BACKEND each."""
+    """Backends holding ``count`` tunnels in all, IDLE_TUNNELS_PER_BACKEND each.
+
+    They register for an origin of their own, so they carry none of the
+    measured requests: the router holds them, pings them and keeps their
+    threads, and that is what is measured.
+    """
     backends = []
     for index, start in enumerate(range(0, count, IDLE_TUNNELS_PER_BACKEND)):
         tunnels = min(IDLE_TUNNELS_PER_BACKEND, count - start)
         name = f"extra-backend-{index}"
         backends.append(
-            start_backend(procs, router, "benchmarks.apps:hello", name, threads=IDLE_BACKEND_THREADS, tunnels=tunnels)
+            start_backend(procs, router, "benchmarks.apps:hello", name, threads=IDLE_BACKEND_THREADS, tunnels=tunnels,
+                          origin=IDLE_ORIGIN)
         )
     return backends
 
