@@ -157,7 +157,8 @@ class _HTTPServer(ClientConnectionLoop):
             except OSError:
                 if not self.alive:
                     return
-                continue  # Defensive: an aborted connection
+                time.sleep(0.1)  # out of file descriptors, say: do not spin
+                continue
             thread = threading.Thread(target=self._serve, args=(client, addr), name=self._thread_name, daemon=True)
             with self._lock:
                 if not self.alive:
