@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_token_arguments(parser, "shared secret every backend must present to open a tunnel")
     parser.add_argument("--tokens-file", default=None, metavar="FILE",
                         help="tokens and the origins each may register, a token per line: "
-                             "TOKEN ORIGIN [ORIGIN...] ('*' for any); re-read by new workers on SIGHUP")
+                             "TOKEN ORIGIN [ORIGIN...] ('*' for any); read again on SIGHUP")
     parser.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
                         help="proxies whose X-Forwarded-Proto is trusted for the request's scheme, comma-separated "
                              "or '*' (gunicorn's setting; default: 127.0.0.1,::1)")
@@ -106,6 +106,7 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
         self.cfg.set("when_ready", self._when_ready)
         self.cfg.set("post_worker_init", self._post_worker_init)
+        self.cfg.set("on_reload", self._on_reload)
         self.cfg.set("worker_exit", self._worker_exit)
         self.cfg.set("child_exit", self._child_exit)
         self.cfg.set("on_exit", self._on_exit)
@@ -123,13 +124,16 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
         # Threads do not survive fork: accept tunnels only in the worker.
         if self.router.fleet is not None:
             self.router.fleet.join()
-        self._reload_tokens()
         self.router.serve_tunnels(self.tunnel_listener)
         if self.admin_listener is not None:
             self.router.serve_admin(self.admin_listener)
 
+    def _on_reload(self, server: Any) -> None:
+        """SIGHUP, in the master before it starts new workers: read the tokens file again."""
+        self._reload_tokens()
+
     def _reload_tokens(self) -> None:
-        """A new worker (after SIGHUP, say) reads the tokens file again; a broken file keeps the old tokens."""
+        """Read the tokens file again, for the workers forked from now on; a broken file keeps the old tokens."""
         path = self.tokens_file
         if not path:
             return
@@ -139,6 +143,7 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
             log.error("Keeping the previous tokens: %s", exc)
             return
         self.router.access = TunnelAccess(self.router.token, tokens)
+        log.info("Read %d token(s) from %s", len(tokens), path)
 
     def _worker_exit(self, server: Any, worker: Any) -> None:
         self.router.close()

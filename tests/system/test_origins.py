@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 from typing import Tuple
 
+from tests.conftest import wait_until
 from tests.system.test_worker import start_gunicorn, wait_tunnels
 
 
@@ -118,3 +120,31 @@ def test_an_untrusted_proxy_cannot_claim_https(router_process, backend_process):
     finally:
         connection.close()
     assert response.status == 421
+
+
+def test_sighup_makes_the_router_read_its_tokens_file_again(router_process, backend_process, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-key  *\n")
+    router = router_process("--tokens-file", str(tokens))
+    refused = backend_process("tests.apps:hello", router.tunnel_address, "--token", "new-key")
+    assert refused.wait(15) == 1
+
+    def reload() -> None:
+        """SIGHUP, and wait until the old worker has gone (it knew the old tokens)."""
+        start = len(router.lines)
+        router.signal(signal.SIGHUP)
+        router.wait_for_line(r"Booting worker", start=start)
+        router.wait_for_line(r"Worker exiting", start=start)
+
+    tokens.write_text("old-key  *\nnew-key  http://api.example.com\n")
+    reload()
+    backend_process("tests.apps:hello", router.tunnel_address, "--token", "new-key", "--origin", "http://api.example.com")
+    wait_until(lambda: router.count_lines("Tunnel added") == 1, what=f"the tunnel:\n{router.output()}")
+    assert get(router, "api.example.com") == (200, b"bar")
+
+    tokens.write_text("lonely-token\n")
+    reload()
+    router.wait_for_line(r"Keeping the previous tokens: .*tokens:1: a token needs the origins")
+    # The backend redials into the new worker, which has the tokens the file had before.
+    wait_until(lambda: router.count_lines("Tunnel added") == 2, 30, what=f"the tunnel again:\n{router.output()}")
+    assert get(router, "api.example.com") == (200, b"bar")
