@@ -281,22 +281,23 @@ def render(view: Mapping[str, Any]) -> str:
     counters = view.get("counters", {})
     tunnels = view.get("tunnels", [])
     out = _Exposition()
-    out.family("tunnels", "gauge", 'Live tunnels, by the origin they registered for ("*": the default pool).')
-    for origin, count in sorted(view.get("origins", {}).items()):
-        out.sample("tunnels", count, origin=origin)
-    out.family("tunnel_connects_total", "counter", "Tunnels that joined the pool, by origin.")
-    for origin, count in sorted(counters.get("connects", {}).items()):
-        out.sample("tunnel_connects_total", count, origin=origin)
-    out.family("tunnel_drops_total", "counter", "Tunnels that left the pool, by reason.")
-    for reason, count in sorted(counters.get("drops", {}).items()):
-        out.sample("tunnel_drops_total", count, reason=reason)
-    out.family("tunnel_refusals_total", "counter",
-               "Connections to the tunnel listener that never joined the pool: refused or failed, by reason.")
-    for reason, count in sorted(counters.get("refusals", {}).items()):
-        out.sample("tunnel_refusals_total", count, reason=reason)
-    out.family("requests_total", "counter", "Requests answered by the router, by the status code sent to the client.")
-    for code, count in sorted(counters.get("requests", {}).items()):
-        out.sample("requests_total", count, code=code)
+    labelled = (
+        ("tunnels", "gauge", 'Live tunnels, by the origin they registered for ("*": the default pool).',
+         "origin", view.get("origins", {})),
+        ("tunnel_connects_total", "counter", "Tunnels that joined the pool, by origin.",
+         "origin", counters.get("connects", {})),
+        ("tunnel_drops_total", "counter", "Tunnels that left the pool, by reason.",
+         "reason", counters.get("drops", {})),
+        ("tunnel_refusals_total", "counter",
+         "Connections to the tunnel listener that never joined the pool: refused or failed, by reason.",
+         "reason", counters.get("refusals", {})),
+        ("requests_total", "counter", "Requests answered by the router, by the status code sent to the client.",
+         "code", counters.get("requests", {})),
+    )
+    for name, kind, help_text, label, values in labelled:
+        out.family(name, kind, help_text)
+        for key, count in sorted(values.items()):
+            out.sample(name, count, **{label: key})
     out.family("request_duration_seconds", "histogram",
                "Time from the router calling a tunnel to the end (or failure) of the response body.")
     buckets = counters.get("duration_buckets") or [0] * (len(DURATION_BUCKETS) + 1)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 from tests.conftest import wait_until
 from tests.system.test_worker import start_gunicorn, wait_tunnels
 
 
-def get(router, host: str) -> Tuple[int, bytes]:
-    """GET /foo on the router with this ``Host``."""
+def get(router, host: str, headers: Optional[Dict[str, str]] = None) -> Tuple[int, bytes]:
+    """GET /foo on the router with this ``Host`` (and ``headers``)."""
     connection = http.client.HTTPConnection(router.http_host, router.http_port, timeout=10)
     try:
-        connection.request("GET", "/foo", headers={"Host": host})
+        connection.request("GET", "/foo", headers={"Host": host, **(headers or {})})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -95,14 +95,9 @@ def test_behind_a_trusted_proxy_that_ended_tls_an_https_origin_is_served(router_
     router = router_process("--forwarded-allow-ips", "127.0.0.1")
     backend_process("tests.apps:environ_json", router.tunnel_address, "--origin", "https://api.example.com")
     router.wait_tunnels(1)
-    connection = http.client.HTTPConnection(router.http_host, router.http_port, timeout=10)
-    try:
-        connection.request("GET", "/", headers={"Host": "api.example.com", "X-Forwarded-Proto": "https"})
-        response = connection.getresponse()
-        environ = json.loads(response.read())
-    finally:
-        connection.close()
-    assert response.status == 200
+    status, body = get(router, "api.example.com", {"X-Forwarded-Proto": "https"})
+    assert status == 200
+    environ = json.loads(body)
     assert environ["wsgi.url_scheme"] == "https"
     assert environ["HTTP_X_FORWARDED_PROTO"] == "https"
     assert get(router, "api.example.com")[0] == 421  # plain http is another origin
@@ -112,14 +107,7 @@ def test_an_untrusted_proxy_cannot_claim_https(router_process, backend_process):
     router = router_process("--forwarded-allow-ips", "192.0.2.1")
     backend_process("tests.apps:hello", router.tunnel_address, "--origin", "https://api.example.com")
     router.wait_tunnels(1)
-    connection = http.client.HTTPConnection(router.http_host, router.http_port, timeout=10)
-    try:
-        connection.request("GET", "/foo", headers={"Host": "api.example.com", "X-Forwarded-Proto": "https"})
-        response = connection.getresponse()
-        response.read()
-    finally:
-        connection.close()
-    assert response.status == 421
+    assert get(router, "api.example.com", {"X-Forwarded-Proto": "https"})[0] == 421
 
 
 def test_sighup_makes_the_router_read_its_tokens_file_again(router_process, backend_process, tmp_path):
