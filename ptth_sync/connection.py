@@ -70,6 +70,8 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.frame_buffer
+import h2.stream
+import h2.utilities
 import hyperframe.exceptions
 import hyperframe.frame
 from h2.errors import ErrorCodes
@@ -109,6 +111,68 @@ class _Payload:
         return len(self.view)
 
 
+class StreamMalformed(h2.events.Event):
+    """A request or response that RFC 9113 §8.1.1 calls malformed; its stream was reset with PROTOCOL_ERROR.
+
+    A malformed message is a *stream* error: only that stream ends, and the
+    connection, with every other request on it, carries on.
+    """
+
+    def __init__(self, stream_id: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"<StreamMalformed stream_id:{self.stream_id}, reason:{self.reason}>"
+
+
+class _Malformed(h2.exceptions.ProtocolError):
+    """Raised inside h2 for a malformed message; :class:`_H2Connection` turns it into a stream reset."""
+
+    def __init__(self, stream_id: int, reason: str) -> None:
+        super().__init__(reason)
+        self.stream_id = stream_id
+        self.reason = reason
+
+
+class _H2Stream(h2.stream.H2Stream):
+    """h2's stream, with the checks of a received message raising :class:`_Malformed`.
+
+    h2 treats a malformed request or response (a bad or conflicting
+    ``content-length``, a body longer or shorter than it, a bad pseudo-header,
+    an uppercase or connection-specific header, trailers without END_STREAM)
+    as a connection error and sends GOAWAY, failing every stream of the
+    tunnel. These checks run after the header block was decoded (HPACK state
+    stays in step) and after the stream's state moved, so resetting the stream
+    instead is safe.
+    """
+
+    def receive_headers(self, headers: Any, end_stream: bool, header_encoding: Any) -> Any:
+        if end_stream and h2.utilities.is_informational_response(headers):
+            raise _Malformed(self.stream_id, "an informational response with END_STREAM")
+        if not end_stream and self.state_machine.headers_received:
+            raise _Malformed(self.stream_id, "trailers without END_STREAM")
+        return super().receive_headers(headers, end_stream, header_encoding)
+
+    def _initialize_content_length(self, headers: Any) -> None:
+        try:
+            super()._initialize_content_length(headers)
+        except h2.exceptions.ProtocolError as exc:
+            raise _Malformed(self.stream_id, str(exc)) from None
+
+    def _process_received_headers(self, headers: Any, header_validation_flags: Any, header_encoding: Any) -> Any:
+        try:
+            return super()._process_received_headers(headers, header_validation_flags, header_encoding)
+        except h2.exceptions.ProtocolError as exc:
+            raise _Malformed(self.stream_id, str(exc)) from None
+
+    def _track_content_length(self, length: int, end_stream: bool) -> None:
+        try:
+            super()._track_content_length(length, end_stream)
+        except h2.exceptions.ProtocolError as exc:
+            raise _Malformed(self.stream_id, f"a body of another length than its content-length ({exc})") from None
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2, with DATA frames leaving as their 9-byte header plus the caller's payload object.
 
@@ -141,6 +205,26 @@ class _H2Connection(h2.connection.H2Connection):
             self._segments.append(_FRAME_HEADER.pack(size >> 8, size & 0xFF, 0x0, flags, frame.stream_id))
             self._segments.append(data.view if type(data) is _Payload else data)
             frame.body_len = size
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        # A stream the server opened on the client (no push here) stays h2's: a connection error.
+        if not self.config.client_side or self._stream_id_is_outbound(stream_id):
+            stream.__class__ = _H2Stream
+        return stream
+
+    def _receive_frame(self, frame: hyperframe.frame.Frame) -> List[h2.events.Event]:
+        try:
+            return super()._receive_frame(frame)
+        except _Malformed as exc:
+            # A stream error (RFC 9113 §8.1.1): reset that stream, keep the connection.
+            try:
+                self.reset_stream(exc.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            except h2.exceptions.StreamClosedError:
+                pass  # it ended both ways with this very frame: nothing left to reset
+            if type(frame) is hyperframe.frame.DataFrame:  # its bytes still count against the connection window
+                self.acknowledge_received_data(frame.flow_controlled_length, exc.stream_id)
+            return [StreamMalformed(exc.stream_id, exc.reason)]
 
     def take_output(self) -> List[Any]:
         """Everything queued for the wire, as buffers in order; clears it."""
@@ -1013,6 +1097,15 @@ class Connection:
             stream = streams.get(event.stream_id)
             if stream is not None:
                 stream._error = StreamReset(event.stream_id, event.error_code, remote=True)
+                wake.add(stream)
+            self._free_slot()
+        elif isinstance(event, StreamMalformed):
+            what = "response" if self.client_side else "request"
+            log.info("tunnel %s: stream %d reset: malformed %s from peer: %s", self.name, event.stream_id, what,
+                     event.reason)
+            stream = streams.get(event.stream_id)
+            if stream is not None:
+                stream._error = StreamReset(event.stream_id, ErrorCodes.PROTOCOL_ERROR, remote=False)
                 wake.add(stream)
             self._free_slot()
         elif isinstance(event, h2.events.TrailersReceived):

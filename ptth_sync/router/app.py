@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from h2.errors import ErrorCodes
 
@@ -22,6 +22,7 @@ from ..headers import InvalidHeader, header_list_size, request_headers, response
 from ..origins import ANY, request_origin
 from ..tls import TLSChannel
 from .admin import PUBLISH_INTERVAL, AdminServer, SharedMetrics, is_loopback
+from .checks import CLOSE_CONNECTION, check_request
 from .fleet import WorkerFleet
 from .metrics import RouterMetrics, merge, opening_failure_reason
 from .pool import TunnelPool
@@ -373,6 +374,14 @@ class Router:
     # -- requests -------------------------------------------------------------
 
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        refusal = check_request(environ)
+        if refusal is not None:
+            log.info("%s %s: %d, %s", environ.get("REQUEST_METHOD"), environ.get("RAW_URI", ""), refusal.code,
+                     refusal.detail)
+            if refusal.close:
+                environ[CLOSE_CONNECTION] = True
+            self.metrics.request_done(refusal.code, None, 0)
+            return _error(start_response, refusal.code, refusal.phrase, refusal.detail, refusal.headers)
         try:
             headers = request_headers(environ)
         except InvalidHeader as exc:
@@ -412,10 +421,16 @@ class Router:
                 started = time.monotonic()
             try:
                 stream, response = self._exchange(tunnel, headers, body)
+            except _ClientBodyFailed:
+                return self._reply_client_body_error(environ, start_response, method, target, started, body)
             except StreamTimeout:
+                if body.failure is not None:
+                    return self._reply_client_body_error(environ, start_response, method, target, started, body)
                 return self._reply_error(start_response, 504, "Gateway Timeout", "the backend did not answer in time",
                                          started, body)
             except (ConnectionClosed, StreamReset) as exc:
+                if body.failure is not None:
+                    return self._reply_client_body_error(environ, start_response, method, target, started, body)
                 if body.too_large:
                     return self._reply_error(start_response, 413, *_too_large(self.max_body_size), started, body)
                 if _retryable(exc) and body.replayable and not tried:  # once, never more
@@ -454,6 +469,23 @@ class Router:
         self.metrics.request_done(code, started, body.sent if body is not None else 0)
         return _error(start_response, code, phrase, detail)
 
+    def _reply_client_body_error(
+        self,
+        environ: Dict[str, Any],
+        start_response: StartResponse,
+        method: str,
+        target: str,
+        started: Optional[float],
+        body: _RequestBody,
+    ) -> List[bytes]:
+        """The client's body failed (cut short, or badly chunked): 400, and the connection closes.
+
+        Its stream, if one was open, was reset with CANCEL; the tunnel is untouched.
+        """
+        log.info("%s %s: 400, %s", method, target, body.failure)
+        environ[CLOSE_CONNECTION] = True
+        return self._reply_error(start_response, 400, "Bad Request", str(body.failure), started, body)
+
     def _route(self, environ: Dict[str, Any]) -> Optional[str]:
         """The origin whose tunnels serve this request (``*``: the default pool); None when none does."""
         origin = request_origin(environ.get("wsgi.url_scheme", "http"), environ.get("HTTP_HOST", ""))
@@ -468,6 +500,8 @@ class Router:
     ) -> Tuple[Stream, Any]:
         """Open a stream, start sending the body and wait for the response headers."""
         small = body.read_small()
+        if body.failure is not None:
+            raise _ClientBodyFailed  # nothing was sent: the tunnel never saw this request
         stream = tunnel.open_stream(headers, end_stream=not body.present, timeout=self.timeout)
         try:
             if small is not None:
@@ -521,6 +555,10 @@ def _retryable(exc: Exception) -> bool:
     return isinstance(exc, StreamReset) and exc.error_code == ErrorCodes.REFUSED_STREAM
 
 
+class _ClientBodyFailed(PTTHError):
+    """The client's request body failed before anything was sent to a tunnel."""
+
+
 class _RequestBody:
     """The client's request body: read up front when small, else streamed by an upload thread."""
 
@@ -537,6 +575,8 @@ class _RequestBody:
         self._upload: Optional[threading.Thread] = None
         #: Bytes of the body forwarded to backends (final once :meth:`finish` returned).
         self.sent = 0
+        #: Why the client's body could not be forwarded (it ended early or was badly framed), if it failed.
+        self.failure: Optional[str] = None
 
     @property
     def replayable(self) -> bool:
@@ -546,7 +586,15 @@ class _RequestBody:
     def read_small(self) -> Optional[bytes]:
         """The whole body when it is known to be small, else None."""
         if self._small is None and self.present and self.length is not None and self.length <= SMALL_BODY:
-            self._small = self._read_exactly(self.length)
+            try:
+                data = self._read_exactly(self.length)
+            except Exception as exc:  # the client's side failed (disconnect, bad framing)
+                self.failure = _body_failure(exc)
+                return None
+            if len(data) < self.length:
+                self.failure = f"the client sent {len(data)} of the {self.length} bytes of its Content-Length"
+                return None
+            self._small = data
         return self._small
 
     def _read_exactly(self, size: int) -> bytes:
@@ -583,7 +631,7 @@ class _RequestBody:
                 stream.send_data(data, timeout=timeout)
                 self.sent = sent
             if remaining:
-                log.info("client sent %d bytes less than its Content-Length", remaining)
+                self.failure = f"the client sent {sent} of the {self.length} bytes of its Content-Length"
                 stream.reset(ErrorCodes.CANCEL)
                 return
             stream.end()
@@ -592,7 +640,7 @@ class _RequestBody:
         except StreamTimeout:
             stream.reset(ErrorCodes.CANCEL)
         except Exception as exc:  # the client's side failed (disconnect, bad chunked encoding)
-            log.info("reading the request body failed: %s", exc)
+            self.failure = _body_failure(exc)
             stream.reset(ErrorCodes.CANCEL)
 
     def finish(self, timeout: Optional[float] = None) -> None:
@@ -647,15 +695,24 @@ class _ResponseBody:
             metrics.request_done(self._code, self._started, self._body.sent, self._sent, self._tunnel, self._broken)
 
 
+def _body_failure(exc: Exception) -> str:
+    """Why reading a client's body failed, as a sentence."""
+    if isinstance(exc, OSError):  # gunicorn's NoMoreData too: the client went away
+        return f"the client's body ended early: {exc or type(exc).__name__}"
+    return f"the client's body is malformed: {exc or type(exc).__name__}"
+
+
 def _too_large(limit: Optional[int]) -> Tuple[str, str]:
     """The phrase and detail of a 413."""
     return "Content Too Large", f"the request body exceeds {limit} bytes"
 
 
-def _error(start_response: StartResponse, code: int, phrase: str, detail: str) -> List[bytes]:
+def _error(
+    start_response: StartResponse, code: int, phrase: str, detail: str, extra: Sequence[Tuple[str, str]] = ()
+) -> List[bytes]:
     body = f"{code} {phrase}: {detail}\n".encode()
     start_response(
         f"{code} {phrase}",
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *extra],
     )
     return [body]

@@ -37,6 +37,7 @@ from gunicorn.http import wsgi
 
 from ..gunicorn_base import ThreadedWorker
 from .app import TunnelBroken
+from .checks import CLOSE_CONNECTION
 
 __all__ = ["ClientConnectionLoop", "RouterWorker"]
 
@@ -210,6 +211,8 @@ class ClientConnectionLoop:
                 # answers, then lets the client reconnect to one of them.)
                 resp.force_close()
             respiter = self.wsgi(environ, resp.start_response)
+            if environ.get(CLOSE_CONNECTION):  # the rest of what the client sent cannot be trusted
+                resp.force_close()
             try:
                 for item in respiter:
                     resp.write(item)
