@@ -684,6 +684,13 @@ def summarise(rounds: List[LoadResult]) -> Dict[str, Any]:
     }
 
 
+def endpoint_processes(endpoint: Endpoint) -> Dict[str, int]:
+    """The processes whose CPU a request of this path costs, by role."""
+    if endpoint.backend_pid is None:
+        return {"gunicorn": endpoint.server_pid}
+    return {"router": endpoint.server_pid, "backend": endpoint.backend_pid}
+
+
 def measure_level(
     generator: LoadGenerator, endpoints: Dict[str, Endpoint], concurrency: int, duration: int, rounds: int
 ) -> Dict[str, Any]:
@@ -691,18 +698,29 @@ def measure_level(
     for name in PATHS:
         generator.run(endpoints[name].url(), concurrency, WARMUP_S)
     results: Dict[str, List[LoadResult]] = {name: [] for name in PATHS}
+    cpu: Dict[str, List[Dict[str, float]]] = {name: [] for name in PATHS}
     for index in range(rounds):
         for name in path_order(index):
+            processes = endpoint_processes(endpoints[name])
+            before = {role: cpu_seconds(pid) for role, pid in processes.items()}
             result = generator.run(endpoints[name].url(), concurrency, duration)
+            # CPU per request: what each process used during the run (utime + stime) over the requests served.
+            requests = max(result.requests_per_s * duration, 1.0)
+            used = {role: (cpu_seconds(pid) - before[role]) / requests * 1e6 for role, pid in processes.items()}
             results[name].append(result)
+            cpu[name].append(used)
             log(
                 f"  c={concurrency:<4} round {index + 1}/{rounds} {name:<6} {result.requests_per_s:9.0f} req/s"
-                f"  p50 {fmt(result.p50_ms)} ms  p99 {fmt(result.p99_ms)} ms"
+                f"  p50 {fmt(result.p50_ms)} ms  p99 {fmt(result.p99_ms)} ms  CPU us/req "
+                + " ".join(f"{role} {value:.0f}" for role, value in used.items())
                 + (f"  ERRORS {result.errors} ({result.detail})" if result.errors else "")
             )
     level: Dict[str, Any] = {"concurrency": concurrency}
     for name in PATHS:
         level[name] = summarise(results[name])
+        level[name]["cpu_us_per_request"] = {
+            role: median([round_cpu[role] for round_cpu in cpu[name]]) for role in cpu[name][0]
+        }
     level["ratio_requests_per_s"] = ratio(level["tunnel"]["requests_per_s"], level["direct"]["requests_per_s"])
     return level
 
@@ -970,6 +988,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
+def cpu_cells(level: Dict[str, Any]) -> List[str]:
+    """CPU microseconds per request: direct gunicorn's worker, the router's worker, the backend; router/direct."""
+    direct = level["direct"].get("cpu_us_per_request", {}).get("gunicorn")
+    tunnel = level["tunnel"].get("cpu_us_per_request", {})
+    router, backend = tunnel.get("router"), tunnel.get("backend")
+    return [fmt(direct, 0), fmt(router, 0), fmt(backend, 0), fmt(ratio(router, direct))]
+
+
 def throughput_section(data: Dict[str, Any]) -> str:
     gen = data["generator"]
     rows = []
@@ -981,9 +1007,11 @@ def throughput_section(data: Dict[str, Any]) -> str:
             fmt(a["requests_per_s"], 0), fmt(a["p50_ms"]), fmt(a["p99_ms"]),
             fmt(b["requests_per_s"], 0), fmt(b["p50_ms"]), fmt(b["p99_ms"]),
             fmt(level["ratio_requests_per_s"]),
+            *cpu_cells(level),
             str(errors),
         ])
-    headers = ["conc", "a req/s", "a p50 ms", "a p99 ms", "b req/s", "b p50 ms", "b p99 ms", "b/a req/s", "errors"]
+    headers = ["conc", "a req/s", "a p50 ms", "a p99 ms", "b req/s", "b p50 ms", "b p99 ms", "b/a req/s",
+               "a CPU us/req", "router us/req", "backend us/req", "router/a", "errors"]
     return "\n".join([
         f"== 1. Throughput and latency: hello world, {data['duration_s']} s x {data['rounds']} round(s), "
         f"median of rounds ==",
