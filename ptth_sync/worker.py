@@ -11,8 +11,11 @@ Configuration comes from the environment, because gunicorn builds its
 command line before it imports a worker class and drops config-file keys it
 does not know (``--env``/``raw_env`` work too):
 
-- ``PTTH_CONNECT=HOST:PORT[,HOST:PORT...]``: the routers (default 127.0.0.1:8887);
-- ``PTTH_TUNNELS=N``: connections per router per worker (default 1);
+- ``PTTH_CONNECT=HOST:PORT[,HOST:PORT...]``: the routers (default
+  127.0.0.1:8887), at most 64;
+- ``PTTH_TUNNELS=N``: connections per router per worker (default 1, at most 1000);
+- ``PTTH_MAX_BACKOFF=SECONDS``: the longest wait between two dials of a router
+  that is down (default 5);
 - ``PTTH_ORIGIN=https://api.example.com[,ORIGIN...]``: register the tunnels
   for these origins, so the router sends them those hosts' requests only
   (each origin gets ``PTTH_TUNNELS`` connections of its own);
@@ -22,8 +25,11 @@ does not know (``--env``/``raw_env`` work too):
   (``PTTH_CAFILE`` for a private CA; ``PTTH_CERTFILE``/``PTTH_KEYFILE`` to
   present a client certificate for mutual TLS).
 
-gunicorn's own settings keep their meaning: ``threads`` sizes the request pool
-and is advertised to the router as the tunnel's concurrent-stream limit;
+gunicorn's own settings keep their meaning: ``threads`` (at most 10,000)
+sizes the request pool, and is advertised to the router as the tunnel's
+concurrent-stream limit on the PTTH upgrade wire (250 or more on the plain
+wire, the requests above ``threads`` waiting their turn, see
+:class:`~ptth_sync.backend.Backend`);
 ``graceful_timeout`` bounds the drain on SIGTERM, on ``max_requests`` and on
 SIGHUP; ``timeout`` is the heartbeat deadline, kept by the main loop as
 gthread keeps it: a hung request thread does not stop the heartbeat (it holds
@@ -56,12 +62,21 @@ from gunicorn.arbiter import Arbiter
 from .addresses import Address, format_address, parse_addresses
 from .backend import Backend
 from .backend.wsgi import handle_request
+from .cli import MAX_BACKOFF_DEFAULT, MIN_BACKOFF_MAX, check_backoff_max, check_routers, check_threads, check_tunnels
 from .connection import Stream
 from .gunicorn_base import ThreadedWorker
 from .origins import normalize_origin
 from .tls import client_context
 
-__all__ = ["TunnelRequest", "TunnelWorker", "tunnel_options", "tunnel_origins", "tunnel_security"]
+__all__ = [
+    "TunnelRequest",
+    "TunnelWorker",
+    "tunnel_backoff",
+    "tunnel_options",
+    "tunnel_origins",
+    "tunnel_security",
+    "tunnel_threads",
+]
 
 DEFAULT_CONNECT = "127.0.0.1:8887"
 #: Health-check connections answered at once on gunicorn's listening socket.
@@ -80,6 +95,7 @@ def tunnel_options(environ: Mapping[str, str]) -> Tuple[List[Address], int]:
     """
     try:
         addresses = parse_addresses(environ.get("PTTH_CONNECT") or DEFAULT_CONNECT)
+        check_routers(len(addresses))
     except ValueError as exc:
         msg = f"PTTH_CONNECT: {exc}"
         raise ValueError(msg) from None
@@ -87,7 +103,33 @@ def tunnel_options(environ: Mapping[str, str]) -> Tuple[List[Address], int]:
     if not (text.isdigit() and int(text) >= 1):
         msg = f"PTTH_TUNNELS must be a whole number of at least 1, not {text!r}"
         raise ValueError(msg)
-    return addresses, int(text)
+    try:
+        tunnels = check_tunnels(int(text))
+    except ValueError as exc:
+        msg = f"PTTH_TUNNELS: {exc}"
+        raise ValueError(msg) from None
+    return addresses, tunnels
+
+
+def tunnel_backoff(environ: Mapping[str, str]) -> float:
+    """The cap on the redial delay, in seconds, from ``PTTH_MAX_BACKOFF``; ValueError when it is no such number."""
+    text = environ.get("PTTH_MAX_BACKOFF") or ""
+    if not text:
+        return MAX_BACKOFF_DEFAULT
+    try:
+        return check_backoff_max(float(text))
+    except ValueError:
+        msg = f"PTTH_MAX_BACKOFF must be a number of seconds of at least {MIN_BACKOFF_MAX:g}, not {text!r}"
+        raise ValueError(msg) from None
+
+
+def tunnel_threads(threads: int) -> int:
+    """gunicorn's ``threads`` setting, when within the bound; ValueError with a one-line reason."""
+    try:
+        return check_threads(threads)
+    except ValueError as exc:
+        msg = f"--threads: {exc}"
+        raise ValueError(msg) from None
 
 
 def tunnel_origins(environ: Mapping[str, str]) -> List[str]:
@@ -172,6 +214,8 @@ class TunnelWorker(ThreadedWorker):
             addresses, tunnels = tunnel_options({**os.environ, **cfg.env})
             origins = tunnel_origins({**os.environ, **cfg.env})
             tunnel_security({**os.environ, **cfg.env})
+            tunnel_backoff({**os.environ, **cfg.env})
+            tunnel_threads(cfg.threads)
         except ValueError as exc:
             # gunicorn prints a RuntimeError as one "Error: ..." line and exits 1.
             raise RuntimeError(str(exc)) from None
@@ -192,6 +236,7 @@ class TunnelWorker(ThreadedWorker):
         self.addresses: List[Address] = []
         self.tunnels = 1
         self.origins: List[str] = []
+        self.max_backoff = MAX_BACKOFF_DEFAULT
         self.backend: Optional[Backend] = None
         self._lock = threading.Lock()  # nr and the health-check count
         self._health_busy = 0
@@ -201,6 +246,8 @@ class TunnelWorker(ThreadedWorker):
             self.addresses, self.tunnels = tunnel_options({**os.environ, **self.cfg.env})
             self.origins = tunnel_origins({**os.environ, **self.cfg.env})
             self.token, self.ssl_context = tunnel_security({**os.environ, **self.cfg.env})
+            self.max_backoff = tunnel_backoff({**os.environ, **self.cfg.env})
+            tunnel_threads(self.cfg.threads)
         except ValueError as exc:  # the environment changed since check_config (SIGHUP)
             self.log.error("%s", exc)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
@@ -223,6 +270,7 @@ class TunnelWorker(ThreadedWorker):
         self.backend = Backend(
             self.addresses, self.wsgi, threads=self.cfg.threads, tunnels=self.tunnels,
             token=self.token, ssl_context=self.ssl_context, request_handler=self.handle_stream, origins=self.origins,
+            backoff_max=self.max_backoff,
         )
         for listener in self.sockets:
             listener.setblocking(False)
@@ -277,6 +325,9 @@ class TunnelWorker(ThreadedWorker):
 
     def handle_stream(self, stream: Stream) -> None:
         """Serve one tunnelled request as gthread serves one: count, hooks, app, access log."""
+        if stream.cancelled:  # reset while it waited for a thread: nothing to serve, count or log
+            stream.close()
+            return
         req = TunnelRequest(stream.headers or [])
         seen: List[Dict[str, Any]] = []
         self._count_request()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import random
@@ -13,6 +14,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..addresses import Address, AddressLike, format_address, parse_addresses
+from ..cli import MAX_BACKOFF_DEFAULT, check_backoff_max, check_routers, check_threads, check_tunnels
 from ..connection import Connection, ConnectionSettings, Stream
 from ..handshake import HandshakeFailed, HandshakeRefused, dial_upgrade
 from ..origins import ANY, normalize_origin
@@ -26,6 +28,11 @@ log = logging.getLogger("ptth_sync.backend")
 
 #: Loopback addresses a name such as ``localhost`` resolves to: one router, dialled by name.
 _LOOPBACK_PAIR = {"127.0.0.1", "::1"}
+
+#: Concurrent streams a plain-wire tunnel advertises at least (as Go's http2.Server does).
+PLAIN_WIRE_STREAMS = 250
+#: Per-stream receive window on the plain wire, where that many requests may wait for a thread.
+PLAIN_WIRE_STREAM_WINDOW = 256 * 1024
 
 
 def resolve_addresses(host: str, port: int) -> List[str]:
@@ -66,8 +73,31 @@ class Backend:
         ...
         backend.stop(graceful_timeout=30)   # drain, then close
 
-    A lost or refused connection is redialled forever with capped exponential
-    backoff and jitter, each attempt logged.
+    A lost connection, or one that fails before its HTTP/2 SETTINGS arrive,
+    is redialled forever with exponential backoff and jitter, each attempt
+    logged: the delay grows with every failed connect or handshake, never
+    beyond ``backoff_max`` seconds (default 5), and starts again from
+    ``backoff_initial`` once a tunnel was established (the router's SETTINGS
+    received). A router that restarts has its tunnels back within
+    ``backoff_max`` seconds of listening again. A refusal (bad token, origin
+    not allowed) is not retried: :attr:`refused` is set and the backend stops.
+
+    Concurrency: ``threads`` pool threads run the requests of every tunnel,
+    taking them in arrival order. On the PTTH upgrade wire (a ``token`` or
+    ``origins``) each tunnel advertises ``threads`` as its
+    SETTINGS_MAX_CONCURRENT_STREAMS, and the router holds further requests
+    until a stream ends. On the plain wire (no token, no origin) a tunnel
+    advertises ``max(threads, 250)``, as Go's http2.Server advertises 250: a
+    Go ``http2.Transport`` (the Go seed's router) dials a new connection when
+    one is full, which the seed's router cannot give it. The requests above
+    ``threads`` then wait in the pool's queue; a tunnel never has more
+    streams open than it advertises (more is a protocol error of the peer),
+    so with up to 250 threads at most 250 requests per tunnel wait. A request
+    reset while it waits never reaches the application.
+
+    ``threads`` (at most 10,000), ``tunnels`` (at most 1,000 per router
+    address) and the number of routers in ``addr`` (at most 64) are bounded:
+    see :mod:`ptth_sync.cli`; the constructor raises ValueError past a limit.
 
     ``origins`` (``["https://api.example.com"]``) registers the tunnels for
     those origins: the router sends them the requests for those hosts only.
@@ -88,11 +118,10 @@ class Backend:
     counting, hooks and access log.
     """
 
-    #: First and largest delay between two dials of one tunnel, in seconds.
+    #: The first delay between two dials of one tunnel, and the default cap (``backoff_max``), in seconds.
+    #: Each delay is drawn between half its ceiling and the ceiling (jitter), the ceiling doubling per failure.
     backoff_initial = 0.1
-    backoff_max = 30.0
-    #: A connection that lived this long resets the backoff.
-    backoff_reset_after = 10.0
+    backoff_max = MAX_BACKOFF_DEFAULT
 
     def __init__(
         self,
@@ -110,11 +139,14 @@ class Backend:
         origins: Optional[Iterable[str]] = None,
         resolve_interval: float = 30.0,
         resolver: Callable[[str, int], Sequence[str]] = resolve_addresses,
+        backoff_max: float = MAX_BACKOFF_DEFAULT,
     ) -> None:
-        if tunnels < 1:
-            msg = "tunnels must be at least 1"
-            raise ValueError(msg)
         self.addresses: List[Address] = parse_addresses(addr)
+        _check("threads", check_threads, threads)
+        _check("tunnels", check_tunnels, tunnels)
+        _check("addr", check_routers, len(self.addresses))
+        _check("backoff_max", check_backoff_max, backoff_max)
+        self.backoff_max = backoff_max
         self.origins: List[str] = []
         for origin in origins or ():
             normal = normalize_origin(origin)
@@ -132,8 +164,15 @@ class Backend:
         self.refused: Optional[HandshakeRefused] = None
         self._refused_event = threading.Event()
         self.request_handler = request_handler or self._handle_request
+        #: The tunnels' settings on the PTTH upgrade wire, and on the plain wire.
         self.settings = ConnectionSettings(
             max_concurrent_streams=threads, ping_interval=ping_interval, ping_timeout=ping_timeout
+        )
+        # Up to 250 requests may wait there, each buffering up to its stream
+        # window of body: a smaller window keeps that bounded (64 MiB a tunnel).
+        self.plain_settings = dataclasses.replace(
+            self.settings, max_concurrent_streams=max(threads, PLAIN_WIRE_STREAMS),
+            stream_window=min(self.settings.stream_window, PLAIN_WIRE_STREAM_WINDOW),
         )
         self._pool = ThreadPool(threads)
         self._stopping = threading.Event()
@@ -282,10 +321,10 @@ class Backend:
     # -- the dial loop --------------------------------------------------------
 
     def _dial_forever(self, route: _Route) -> None:
-        attempt = 0
+        """Keep one tunnel to ``route`` up until the backend stops or the route is retired."""
+        attempt = 0  # failures since the last established tunnel
         name = route.name
         while not self._stopping.is_set() and not route.retired.is_set():
-            started = time.monotonic()
             try:
                 sock, initial_data = self._dial(route)
             except HandshakeRefused as exc:
@@ -295,38 +334,49 @@ class Backend:
                 self._refused_event.set()
                 return
             except (OSError, HandshakeFailed) as exc:
-                delay = self._backoff(attempt)
-                attempt += 1
+                delay, attempt = self._backoff(attempt), attempt + 1
                 log.warning("Connecting to %s failed: %s; retrying in %.1fs (attempt %d)", name, exc, delay, attempt)
                 self._stopping.wait(delay)
                 continue
-            connection = Connection(
-                sock,
-                client_side=False,
-                settings=self.settings,
-                on_request=self._on_request,
-                name=name,
-                initial_data=initial_data,
-            )
-            with self._lock:
-                if self._stopping.is_set():  # stop() began while we were dialling
-                    sock.close()
-                    return
-                self._connections[id(connection)] = connection
-            connection.start()
-            if connection.wait_ready(self.settings.settings_timeout):
-                log.info("Tunnel to %s established", name)
-            connection.wait_closed()
-            with self._lock:
-                self._connections.pop(id(connection), None)
-            if self._stopping.is_set() or route.retired.is_set():
+            outcome = self._serve(route, sock, initial_data)
+            if outcome is None or self._stopping.is_set() or route.retired.is_set():
                 return
-            if time.monotonic() - started > self.backoff_reset_after:
-                attempt = 0
-            delay = self._backoff(attempt)
-            attempt += 1
-            log.warning("Tunnel to %s lost: %s; reconnecting in %.1fs", name, connection.close_reason, delay)
+            established, reason = outcome
+            if established:
+                attempt = 0  # it served: the next failure starts the backoff again
+            delay, attempt = self._backoff(attempt), attempt + 1
+            log.warning("Tunnel to %s lost: %s; reconnecting in %.1fs%s", name, reason, delay,
+                        "" if established else f" (attempt {attempt})")
             self._stopping.wait(delay)
+
+    def _serve(self, route: _Route, sock: Any, initial_data: bytes) -> Optional[Tuple[bool, str]]:
+        """Run one tunnel until it closes; None when the backend began stopping first.
+
+        Returns whether the tunnel was established (the router's SETTINGS
+        arrived) and why it closed.
+        """
+        settings = self.settings if self._upgrades(route) else self.plain_settings
+        connection = Connection(
+            sock,
+            client_side=False,
+            settings=settings,
+            on_request=self._on_request,
+            name=route.name,
+            initial_data=initial_data,
+        )
+        with self._lock:
+            if self._stopping.is_set():  # stop() began while we were dialling
+                sock.close()
+                return None
+            self._connections[id(connection)] = connection
+        connection.start()
+        established = connection.wait_ready(settings.settings_timeout + 1.0)
+        if established:
+            log.info("Tunnel to %s established", route.name)
+        connection.wait_closed()
+        with self._lock:
+            self._connections.pop(id(connection), None)
+        return established, connection.close_reason or "closed"
 
     def _dial(self, route: _Route) -> Tuple[Any, bytes]:
         """Connect, wrap in TLS and upgrade as configured; the socket and bytes already read."""
@@ -339,13 +389,17 @@ class Backend:
                 channel = TLSChannel(sock, self.ssl_context, server_side=False, server_hostname=host)
                 channel.do_handshake(self.connect_timeout)
             initial_data = b""
-            if self.token is not None or route.origin is not None:
+            if self._upgrades(route):
                 initial_data = dial_upgrade(channel, format_address(route.address), self.token,
                                             route.origin or ANY, timeout=self.connect_timeout)
         except BaseException:
             sock.close()
             raise
         return channel, initial_data
+
+    def _upgrades(self, route: _Route) -> bool:
+        """Whether the tunnel opens with the PTTH upgrade (a token or an origin); else the plain wire."""
+        return self.token is not None or route.origin is not None
 
     def wait_refused(self, timeout: Optional[float] = None) -> bool:
         """Block until a router refuses this backend (True) or ``timeout`` passes (False)."""
@@ -373,22 +427,26 @@ def serve_wsgi(
     ssl_context: Optional[ssl.SSLContext] = None,
     graceful_timeout: float = 30.0,
     origins: Optional[Iterable[str]] = None,
+    backoff_max: float = MAX_BACKOFF_DEFAULT,
     **options: Any,
 ) -> None:
     """Dial the router(s) at ``addr`` and serve ``app`` through the tunnels. Blocks.
 
     ``origins``: serve only the requests for these origins
-    (``["https://api.example.com"]``), see :class:`Backend`. ``options`` go
-    to :class:`Backend` (``resolve_interval``, ``ping_interval``,
-    ``ping_timeout``, ``connect_timeout``).
+    (``["https://api.example.com"]``); ``backoff_max``: the longest delay
+    between two dials of a tunnel, in seconds; see :class:`Backend`.
+    ``options`` go to :class:`Backend` (``resolve_interval``,
+    ``ping_interval``, ``ping_timeout``, ``connect_timeout``).
 
     Called from the main thread, it returns after SIGTERM (requests in flight
     finish, for at most ``graceful_timeout`` seconds) or SIGINT (at once).
     Raises :class:`~ptth_sync.handshake.HandshakeRefused` when a router
-    refuses the ``token``; every other failure is retried with backoff.
+    refuses the ``token``, ValueError for a count over its limit
+    (``threads``, ``tunnels``, routers: see :mod:`ptth_sync.cli`); every
+    other failure is retried with backoff.
     """
     backend = Backend(addr, app, threads=threads, tunnels=tunnels, token=token, ssl_context=ssl_context,
-                      origins=origins, **options)
+                      origins=origins, backoff_max=backoff_max, **options)
     stop = threading.Event()
     graceful = {"value": False}
     previous = {}
@@ -418,6 +476,15 @@ def serve_wsgi(
             signal.signal(signum, handler)
     if backend.refused is not None:
         raise backend.refused
+
+
+def _check(name: str, check: Callable[[Any], Any], value: Any) -> None:
+    """Run one of the ``ptth_sync.cli`` bounds, naming the argument in its ValueError."""
+    try:
+        check(value)
+    except ValueError as exc:
+        msg = f"{name}: {exc}"
+        raise ValueError(msg) from None
 
 
 def _is_ip(host: str) -> bool:

@@ -13,12 +13,18 @@ from gunicorn.util import import_app
 
 from ..addresses import parse_addresses
 from ..cli import (
+    MAX_BACKOFF_DEFAULT,
+    MAX_THREADS,
+    MAX_TUNNELS,
     add_lifecycle_arguments,
     add_token_arguments,
+    backoff_seconds,
+    check_routers,
     configure_logging,
     positive_float,
-    positive_int,
     read_token,
+    thread_count,
+    tunnel_count,
 )
 from ..handshake import HandshakeRefused
 from ..origins import normalize_origin
@@ -35,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("app", metavar="MODULE:APP", help="the WSGI application, as gunicorn takes it")
     parser.add_argument("--connect", default="127.0.0.1:8887", metavar="HOST:PORT[,HOST:PORT...]",
-                        help="the router(s) to dial (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int, default=16, metavar="N",
-                        help="requests served at once per process (default: %(default)s)")
-    parser.add_argument("--tunnels", type=positive_int, default=1, metavar="N",
-                        help="connections kept to each router (default: %(default)s)")
+                        help="the router(s) to dial, at most 64 (default: %(default)s)")
+    parser.add_argument("--threads", type=thread_count, default=16, metavar="N",
+                        help=f"requests served at once per process, at most {MAX_THREADS} (default: %(default)s)")
+    parser.add_argument("--tunnels", type=tunnel_count, default=1, metavar="N",
+                        help=f"connections kept to each router, at most {MAX_TUNNELS} (default: %(default)s)")
+    parser.add_argument("--max-backoff", type=backoff_seconds, default=MAX_BACKOFF_DEFAULT, metavar="SECONDS",
+                        help="longest wait between two dials of a router that is down (default: %(default)s)")
     parser.add_argument("--origin", action="append", default=[], metavar="ORIGIN",
                         help="serve the requests for this origin (https://api.example.com) only; repeat it, or "
                              "separate with commas, for several (default: every host no other backend serves)")
@@ -76,6 +84,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         origins = [normalize_origin(o) for text in args.origin for o in text.split(",") if o.strip()]
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        check_routers(len(addresses))
+    except ValueError as exc:
+        parser.error(f"argument --connect: {exc}")
     if "" not in sys.path:
         sys.path.insert(0, "")
     try:
@@ -86,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         serve_wsgi(addresses, app, threads=args.threads, tunnels=args.tunnels, token=token, ssl_context=context,
                    graceful_timeout=args.graceful_timeout, origins=origins, resolve_interval=args.resolve_interval,
-                   ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
+                   ping_interval=args.ping_interval, ping_timeout=args.ping_timeout, backoff_max=args.max_backoff)
     except HandshakeRefused:
         return 1  # the reason is logged already, on one line
     return 0

@@ -64,7 +64,7 @@ def check_request(environ: Dict[str, Any]) -> Optional[Refusal]:
     if host is None:
         if environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
             return Refusal(400, "Bad Request", "an HTTP/1.1 request needs a Host header", [], True)
-    elif not host or not _AUTHORITY.match(host):
+    elif not _AUTHORITY.match(host):  # (empty is valid: a target without an authority)
         return Refusal(400, "Bad Request", f"invalid Host header {host!r}", [], True)
     coding = environ.get("HTTP_TRANSFER_ENCODING")
     if coding is not None and coding.strip().lower() != "chunked":

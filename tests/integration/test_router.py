@@ -351,10 +351,15 @@ def test_threads_return_to_baseline_after_many_backends_come_and_go(router, star
     wait_until(lambda: threading.active_count() <= baseline, 10, what=f"threads back to {baseline}")
 
 
-def test_backend_threads_are_advertised_as_max_concurrent_streams(router, start_backend):
-    start_backend(apps.hello, threads=5)
-    (tunnel,) = router.pool.tunnels()
-    assert tunnel._h2.remote_settings.max_concurrent_streams == 5
+def test_backend_threads_are_advertised_as_max_concurrent_streams(router):
+    """On the PTTH upgrade wire (here for an origin); the plain wire's 250: tests/integration/test_plain_wire.py."""
+    backend = Backend(router.tunnel_address, apps.hello, threads=5, origins=["https://app.example.test"]).start()
+    try:
+        wait_until(lambda: len(router.pool) == 1, what="the tunnel")
+        (tunnel,) = router.pool.tunnels()
+        assert tunnel._h2.remote_settings.max_concurrent_streams == 5
+    finally:
+        backend.close()
 
 
 def test_request_headers_over_the_backend_limit_get_431_and_the_tunnel_lives(router, start_backend):

@@ -142,3 +142,18 @@ def test_max_requests_ends_the_worker_after_the_request_and_wakes_its_loop():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_stream_reset_while_it_waited_is_neither_served_nor_counted_nor_logged():
+    calls = []
+
+    def post_request(worker, req, environ, resp):
+        calls.append("post")
+
+    worker = make_worker(pre_request=lambda worker, req: calls.append("pre"), post_request=post_request)
+    stream = FakeStream(REQUEST)
+    stream.cancelled = True
+    worker.handle_stream(stream)
+    assert stream.names() == ["close"]
+    assert (worker.nr, calls) == (0, [])
+    worker.log.access.assert_not_called()
