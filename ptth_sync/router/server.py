@@ -34,6 +34,7 @@ from ..tls import server_context
 from .admin import SharedMetrics, is_loopback
 from .app import Router
 from .fleet import WorkerFleet
+from .limits import raise_open_file_limit
 from .worker import RouterWorker
 
 log = logging.getLogger("ptth_sync.router")
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="router processes; each needs tunnels of its own, so give backends "
                              "--tunnels N or more (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=1000, metavar="N",
-                        help="client connections served at once, each on a thread (default: %(default)s)")
+                        help="requests proxied at once, each on a thread; waiting connections need none "
+                             "(default: %(default)s)")
     parser.add_argument("--keep-alive", type=positive_float, default=5.0, metavar="SECONDS",
                         help="how long an idle client connection is kept open (default: %(default)s)")
     parser.add_argument("--timeout", type=positive_float, default=30.0, metavar="SECONDS",
@@ -185,6 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             tokens = load_tokens_file(args.tokens_file)
         except ValueError as exc:
             parser.error(str(exc))
+    raise_open_file_limit()  # before the fork: the workers inherit it
     settings = ConnectionSettings(ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
     router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait, settings=settings,
                     max_body_size=args.max_body_size, token=token, ssl_context=tunnel_tls, tokens=tokens)

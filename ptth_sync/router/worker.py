@@ -30,7 +30,7 @@ import ssl
 import threading
 import time
 from datetime import datetime
-from typing import Any, Callable, Optional, Set
+from typing import Any, Callable, Optional
 
 from gunicorn import http, sock, util
 from gunicorn.http import wsgi
@@ -38,6 +38,8 @@ from gunicorn.http import wsgi
 from ..gunicorn_base import ThreadedWorker
 from .app import TunnelBroken
 from .checks import CLOSE_CONNECTION
+from .front import ClientFront, WaitingClient, head_complete
+from .limits import descriptor_budget
 
 __all__ = ["ClientConnectionLoop", "RouterWorker"]
 
@@ -243,88 +245,146 @@ class ClientConnectionLoop:
 
 
 class RouterWorker(ClientConnectionLoop, ThreadedWorker):
-    """gunicorn worker serving each client connection on a thread of its own."""
+    """gunicorn worker: waiting connections in a selector, a thread per request being proxied.
+
+    The main thread runs a :class:`~ptth_sync.router.front.ClientFront`:
+    accepts, TLS handshakes, partial request heads and idle keep-alive
+    connections cost a socket and a buffer there. A connection with a complete
+    request head goes to a pool thread, which serves it and the requests that
+    follow at once (within :attr:`linger` seconds of each response, the usual
+    pace of a busy keep-alive client), then gives it back.
+    """
+
+    #: After a response, how long a thread waits for the next request before giving the connection back.
+    linger: float = 0.05
 
     def init_process(self) -> None:
         self._pool = _ElasticPool(self.cfg.threads)
-        self._lock = threading.Lock()
-        self._closed = threading.Condition(self._lock)
-        self._connections = 0
-        self._idle: Set[socket.socket] = set()
+        self._front: Optional[ClientFront] = None
         super().init_process()
 
     def run(self) -> None:
+        clients, _ = descriptor_budget()
+        context = sock.ssl_context(self.cfg) if self.cfg.is_ssl else None
+        front = self._front = ClientFront(
+            self._handoff,
+            self.wake,
+            header_timeout=self.header_timeout,
+            keepalive=self.cfg.keepalive,
+            max_connections=clients,
+            max_head=self.cfg.limit_request_line + self.cfg.limit_request_fields * self.cfg.limit_request_field_size,
+            ssl_context=context,
+            may_accept=self.wsgi.takes_clients,
+        )
         for listener in self.sockets:
-            listener.setblocking(False)
+            front.add_listener(listener)
+        front.watch(self.PIPE[0], self.drain_pipe)
         interval = min(1.0, self.timeout / 2 if self.timeout else 1.0)
         while self.alive:
             self.notify()
             if not self.is_parent_alive():
                 break
-            with self._lock:
-                full = self._connections >= self.cfg.threads
             # In a fleet of router processes, one without a tunnel leaves clients to the others.
-            taking = not full and self.wsgi.takes_clients()
-            watched = [*self.sockets, self.PIPE[0]] if taking else [self.PIPE[0]]
-            try:
-                readable, _, _ = select.select(watched, [], [], interval if taking else min(interval, 0.1))
-            except InterruptedError:
-                continue
-            for ready in readable:
-                if ready is self.PIPE[0]:
-                    self.drain_pipe()
-                else:
-                    self._accept(ready)
+            taking = self.wsgi.takes_clients()
+            front.set_accepting(taking)
+            front.poll(interval if taking else min(interval, 0.1))
         self._stop_gracefully()
 
-    def _accept(self, listener: Any) -> None:
-        if not self.wsgi.takes_clients():
-            return  # the tunnels went elsewhere since select() woke us: let a process with one take it
-        try:
-            client, addr = listener.accept()
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
-            return
-        client.setblocking(True)
-        with self._lock:
-            self._connections += 1
-        self._pool.submit(lambda: self._serve(listener, client, addr))
+    def _handoff(self, client: WaitingClient) -> None:
+        self._pool.submit(lambda: self._serve_client(client))
 
     def _stop_gracefully(self) -> None:
-        """Close idle keep-alive connections; give busy ones ``graceful_timeout`` to finish."""
+        """Close waiting connections; give busy ones ``graceful_timeout`` to finish."""
+        front = self._front
+        assert front is not None
+        front.set_accepting(False)
         for listener in self.sockets:
             try:
                 listener.close()
             except OSError:
                 pass
         deadline = time.monotonic() + self.cfg.graceful_timeout
-        with self._lock:
-            while self._connections:
-                for client in self._idle:  # wakes its thread, which then ends
-                    _shutdown(client)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self.log.warning("Graceful timeout: %d connections still busy", self._connections)
-                    return
-                self.notify()
-                self._closed.wait(min(remaining, 1.0))
+        while front.close_waiting():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.log.warning("Graceful timeout: %d connections still busy", front.connections)
+                return
+            self.notify()
+            front.poll(min(remaining, 0.5))
 
-    def _serve(self, listener: Any, raw: socket.socket, addr: Any) -> None:
+    def _serve_client(self, client: WaitingClient) -> None:
+        """Serve the requests that follow at once on ``client``; then give it back or close it."""
+        assert self._front is not None
+        keep = False
         try:
-            self.serve_connection(listener, raw, addr)
-        finally:
-            with self._lock:
-                self._connections -= 1
-                self._closed.notify_all()
-            self.wake()  # a slot freed up: the main loop may have stopped accepting
+            keep = self._serve_requests(client)
+        except socket.timeout:
+            if client.started:
+                self.log.info("Closing connection from %s: request head not received within %gs", client.peer,
+                              self.header_timeout)
+        except (StopIteration, http.errors.NoMoreData):
+            pass  # the client closed
+        except ssl.SSLError as exc:
+            if exc.args[0] != ssl.SSL_ERROR_EOF:
+                self.handle_error(None, client.sock, client.addr, exc)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, None):
+                self.log.exception("Socket error processing request.")
+        except BaseException as exc:
+            self.handle_error(None, client.sock, client.addr, exc)
+        if keep and self.alive:
+            self._front.give_back(client)
+            return
+        util.close_graceful(client.sock)
+        self._front.closed()
+        self.wake()  # a thread freed up, or the stop loop counts connections
 
-    def _set_idle(self, client: socket.socket, idle: bool) -> None:
-        with self._lock:
-            if idle:
-                self._idle.add(client)
-            else:
-                self._idle.discard(client)
+    def _serve_requests(self, client: WaitingClient) -> bool:
+        """The request loop on one connection; True when it should wait in the selector for the next one."""
+        raw = client.sock
+        raw.setblocking(True)
+        io_socket = _ClientSocket(raw, self.cfg.timeout or None)
+        parser = http.get_parser(self.cfg, io_socket, client.addr)
+        parser.unreader.unread(bytes(client.buffer))
+        client.buffer = bytearray()
+        while True:
+            client.started = True
+            io_socket.expect_head(self.header_timeout)
+            req = next(parser)
+            io_socket.head_done()
+            if not self._handle_request(client.listener, req, io_socket, client.addr) or not self.alive:
+                return False
+            # The next request may use the connection only once this one's body is gone.
+            if not parser.finish_body(deadline=time.monotonic() + 1.0):
+                return False
+            buffered = parser.unreader.buf.getvalue()
+            if head_complete(buffered):
+                continue  # pipelined: already here
+            client.started = False
+            if not buffered and self._next_request_soon(raw):
+                raw.setblocking(False)
+                try:
+                    data = raw.recv(65536)
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    data = None
+                finally:
+                    raw.settimeout(self.cfg.timeout or None)
+                if data == b"":
+                    return False  # the client closed
+                if data:
+                    parser.unreader.unread(data)
+                    if head_complete(data):
+                        continue
+            client.buffer = bytearray(parser.unreader.take_buffered())
+            return bool(self.cfg.keepalive)
+
+    def _next_request_soon(self, raw: Any) -> bool:
+        """Wait up to :attr:`linger` seconds for the client's next bytes."""
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return True
+        poller = select.poll()  # not select(): descriptors may exceed 1024 here
+        poller.register(raw, select.POLLIN)
+        return bool(poller.poll(self.linger * 1000))
 
 
 def _shutdown(client: socket.socket) -> None:

@@ -1,0 +1,347 @@
+"""Client connections while they wait, held in one selector instead of threads.
+
+A router thread is worth its cost only while a request is being proxied. Until
+a connection has a complete request head it is just a socket and a buffer:
+:class:`ClientFront` accepts connections without blocking, runs their TLS
+handshakes, collects request heads as they trickle in and keeps idle
+keep-alive connections, all in the worker's main thread. A connection reaches
+a thread (``handoff``) only with a whole request head in its buffer; the
+thread gives it back (:meth:`ClientFront.give_back`) when no next request
+follows at once.
+
+What this protects, and how (the guards the thread-per-connection design had,
+and more):
+
+- a slow or silent client ("slowloris") costs a socket and a buffer, never a
+  thread, and is closed ``header_timeout`` seconds after its head began
+  (logged); an idle keep-alive connection is closed after ``keepalive``;
+- a head larger than ``max_head`` is handed on as it is: gunicorn's parser
+  answers it with its usual 4xx;
+- descriptors: at most ``max_connections`` client connections are open. At
+  the cap, and when ``accept`` fails for want of descriptors, the connection
+  that has waited longest for a request (idle first, then the slowest head) is
+  closed to make room, with a log line at most once a second: a flood of
+  connections cannot take the worker down or lock real clients out.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import selectors
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+__all__ = ["ClientFront", "WaitingClient", "head_complete"]
+
+log = logging.getLogger("ptth_sync.router")
+
+#: Connections accepted per listener per wake-up, so that one busy listener cannot starve the rest.
+_ACCEPT_BATCH = 64
+#: How often, at most, the deadlines of waiting connections are checked (seconds).
+_SWEEP_INTERVAL = 0.25
+#: After ``accept`` failed for want of descriptors, how long the listeners rest (seconds).
+_EMFILE_PAUSE = 0.1
+
+
+def head_complete(buffer: Any) -> bool:
+    """True when ``buffer`` holds a whole HTTP/1.1 request head (up to the blank line)."""
+    return b"\r\n\r\n" in buffer
+
+
+class WaitingClient:
+    """A client connection outside any thread: its socket, what it sent so far, and its deadline."""
+
+    __slots__ = ("addr", "buffer", "deadline", "handshaking", "listener", "sock", "started")
+
+    def __init__(self, sock: Any, addr: Any, listener: Any, buffer: bytes = b"") -> None:
+        self.sock = sock
+        self.addr = addr
+        self.listener = listener
+        self.buffer = bytearray(buffer)
+        self.handshaking = False  # a TLS handshake in progress
+        self.started = False  # the request head has begun (its timeout applies, not keep-alive's)
+        self.deadline = 0.0
+
+    @property
+    def peer(self) -> str:
+        return str(self.addr[0]) if self.addr else "?"
+
+
+class ClientFront:
+    """Accepts client connections and holds them in a selector until a request head is complete.
+
+    Runs in one thread (the worker's main loop calls :meth:`poll`); threads
+    hand connections back with :meth:`give_back`, which wakes the loop through
+    ``wake``. ``handoff(client)`` must not block: it queues the client for a
+    thread. ``may_accept()`` is asked before each ``accept``.
+    """
+
+    def __init__(
+        self,
+        handoff: Callable[[WaitingClient], None],
+        wake: Callable[[], None],
+        *,
+        header_timeout: float,
+        keepalive: float,
+        max_connections: int,
+        max_head: int,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        may_accept: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._handoff = handoff
+        self._may_accept = may_accept
+        self._wake = wake
+        self.header_timeout = header_timeout
+        self.keepalive = keepalive
+        self.max_connections = max_connections
+        self.max_head = max_head
+        self._ssl_context = ssl_context
+        self._selector = selectors.DefaultSelector()
+        self._listeners: List[Any] = []
+        self._accepting = False
+        self._paused_until = 0.0
+        #: Waiting connections, oldest first (a dict keeps insertion order; re-inserted on each return).
+        self._waiting: Dict[int, WaitingClient] = {}
+        self._returned: Deque[Tuple[WaitingClient, bool]] = collections.deque()
+        self._lock = threading.Lock()
+        #: Client connections open, waiting or with a thread.
+        self.connections = 0
+        self._next_sweep = 0.0
+        self._shed = 0
+        self._shed_logged_at = 0.0
+
+    # -- set-up -----------------------------------------------------------------
+
+    def add_listener(self, listener: Any) -> None:
+        listener.setblocking(False)
+        self._listeners.append(listener)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (in the loop) whenever ``fd`` is readable: the worker's signal pipe."""
+        self._selector.register(fd, selectors.EVENT_READ, callback)
+
+    def set_accepting(self, accepting: bool) -> None:
+        """Take new connections or leave them in the listen backlog (for other processes)."""
+        accepting = accepting and time.monotonic() >= self._paused_until
+        if accepting == self._accepting:
+            return
+        self._accepting = accepting
+        for listener in self._listeners:
+            if accepting:
+                self._selector.register(listener, selectors.EVENT_READ, listener)
+            else:
+                self._selector.unregister(listener)
+
+    # -- the loop -----------------------------------------------------------------
+
+    def poll(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds and handle what is ready."""
+        try:
+            events = self._selector.select(timeout)
+        except InterruptedError:
+            events = []
+        for key, _ in events:
+            data = key.data
+            if callable(data):
+                data()
+            elif isinstance(data, WaitingClient):
+                self._on_readable(data)
+            else:
+                self._accept(data)
+        self._take_returned()
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + _SWEEP_INTERVAL
+            self._sweep(now)
+
+    def give_back(self, client: WaitingClient, keep: bool = True) -> None:
+        """From any thread: the connection waits for its next request here again (or is closed)."""
+        with self._lock:
+            self._returned.append((client, keep))
+        self._wake()
+
+    def closed(self) -> None:
+        """From any thread: a connection a thread held is gone."""
+        with self._lock:
+            self.connections -= 1
+
+    def close_waiting(self) -> int:
+        """Close every waiting connection (the worker is stopping); returns how many are left with threads."""
+        self._take_returned(closing=True)
+        for client in list(self._waiting.values()):
+            self._drop(client)
+        return self.connections
+
+    # -- accepting ------------------------------------------------------------------
+
+    def _accept(self, listener: Any) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            if not self._may_accept():
+                return  # (another router process should take it: see RouterWorker.run)
+            try:
+                sock, addr = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._out_of_descriptors(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                raise
+            with self._lock:
+                self.connections += 1
+                over = self.connections > self.max_connections
+            if over and not self._shed_one(f"connection limit of {self.max_connections} reached"):
+                # Every connection is busy with a request: refuse the newcomer instead.
+                sock.close()
+                with self._lock:
+                    self.connections -= 1
+                continue
+            self._start(sock, addr, listener)
+
+    def _out_of_descriptors(self, exc: OSError) -> None:
+        """``accept`` failed for want of descriptors: make room, and rest the listeners a moment."""
+        self._shed_one(f"accept failed: {exc.strerror}")
+        self._paused_until = time.monotonic() + _EMFILE_PAUSE
+        self.set_accepting(False)
+
+    def _start(self, sock: socket.socket, addr: Any, listener: Any) -> None:
+        client = WaitingClient(sock, addr, listener)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        if self._ssl_context is not None:
+            try:
+                client.sock = self._ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ValueError):
+                self._forget(client)
+                sock.close()
+                return
+            client.handshaking = True
+        client.deadline = time.monotonic() + self.header_timeout
+        client.started = True
+        self._wait(client)
+        if client.handshaking:
+            self._on_readable(client)  # the ClientHello may be there already
+
+    # -- waiting connections ------------------------------------------------------------
+
+    def _wait(self, client: WaitingClient) -> None:
+        self._waiting[id(client)] = client
+        try:
+            self._selector.register(client.sock, selectors.EVENT_READ, client)
+        except (ValueError, OSError):  # closed meanwhile
+            self._drop(client)
+
+    def _unwait(self, client: WaitingClient) -> None:
+        self._waiting.pop(id(client), None)
+        try:
+            self._selector.unregister(client.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _on_readable(self, client: WaitingClient) -> None:
+        sock = client.sock
+        if client.handshaking:
+            try:
+                sock.do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("TLS handshake with %s failed: %s", client.peer, exc)
+                self._drop(client)
+                return
+            client.handshaking = False
+        while True:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
+                return
+            except (ssl.SSLError, OSError):
+                self._drop(client)
+                return
+            if not data:
+                self._drop(client)
+                return
+            if not client.started:
+                client.started = True
+                client.deadline = time.monotonic() + self.header_timeout
+            previous = len(client.buffer)
+            client.buffer += data
+            window = client.buffer[max(previous - 3, 0) :]
+            if head_complete(window) or len(client.buffer) > self.max_head:
+                self._unwait(client)
+                self._handoff(client)
+                return
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                return
+
+    def _take_returned(self, closing: bool = False) -> None:
+        if not self._returned:
+            return
+        with self._lock:
+            returned, self._returned = self._returned, collections.deque()
+        now = time.monotonic()
+        for client, keep in returned:
+            if not keep or closing:
+                self._drop(client)
+                continue
+            try:
+                client.sock.setblocking(False)
+            except OSError:
+                self._drop(client)
+                continue
+            client.started = bool(client.buffer)
+            client.deadline = now + (self.header_timeout if client.started else self.keepalive)
+            self._wait(client)
+
+    def _sweep(self, now: float) -> None:
+        """Close the connections whose head or keep-alive time is up."""
+        for client in list(self._waiting.values()):
+            if client.deadline <= now:
+                if client.started:
+                    log.info("Closing connection from %s: request head not received within %gs", client.peer,
+                             self.header_timeout)
+                self._drop(client)
+
+    def _shed_one(self, why: str) -> bool:
+        """Close the connection that has waited longest, idle ones first; False when none waits.
+
+        Logs at most once a second, with how many were closed or refused since.
+        """
+        victim = next((c for c in self._waiting.values() if not c.started), None)
+        if victim is None:
+            victim = next(iter(self._waiting.values()), None)
+        if victim is not None:
+            self._drop(victim)
+        self._shed += 1
+        now = time.monotonic()
+        if now - self._shed_logged_at >= 1.0:
+            log.warning("Shedding client connections (%s): %d closed or refused to make room", why, self._shed)
+            self._shed_logged_at = now
+            self._shed = 0
+        return victim is not None
+
+    def _drop(self, client: WaitingClient) -> None:
+        self._unwait(client)
+        try:
+            client.sock.close()
+        except OSError:
+            pass
+        self._forget(client)
+
+    def _forget(self, client: WaitingClient) -> None:
+        with self._lock:
+            self.connections -= 1
+
+    @property
+    def waiting(self) -> int:
+        """Connections waiting for a request (idle or with a partial head)."""
+        return len(self._waiting)

@@ -1,0 +1,170 @@
+"""Slow and idle clients cost the router a socket, not a thread, and cannot exhaust its descriptors.
+
+A real router process (gunicorn master and worker) and a real backend; the
+attackers are plain sockets on loopback that open connections and trickle
+request heads or stay silent. Throughout, a normal ``GET`` must be answered
+within a second; the router worker's thread count must not grow with the
+attackers; under a low descriptor limit the worker must not die (no tunnel
+is lost) and must say it sheds connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import socket
+import time
+from typing import Iterator, List
+
+import pytest
+
+from tests.conftest import Process, RouterProcess, wait_until
+
+
+def worker_pid(master: int) -> int:
+    """The router's one gunicorn worker process."""
+    def child() -> int:
+        with open(f"/proc/{master}/task/{master}/children", encoding="ascii") as file:
+            pids = file.read().split()
+        return int(pids[0]) if pids else 0
+
+    return wait_until(child, 10, what="the router's worker process")  # type: ignore[return-value]
+
+
+def status(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def timed_get(url: str, path: str = "/foo") -> float:
+    """Seconds a fresh connection takes to get ``path`` answered 200 with ``bar``."""
+    host, port = url[len("http://") :].rsplit(":", 1)
+    started = time.monotonic()
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"bar")
+    finally:
+        conn.close()
+    return time.monotonic() - started
+
+
+@contextlib.contextmanager
+def connections(host: str, port: int, count: int) -> Iterator[List[socket.socket]]:
+    """``count`` connections to the router, closed on exit (some may be refused or shed meanwhile)."""
+    socks: List[socket.socket] = []
+    try:
+        for _ in range(count):
+            try:
+                socks.append(socket.create_connection((host, port), timeout=5))
+            except OSError:
+                break
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def trickle(socks: List[socket.socket], piece: bytes) -> None:
+    for sock in socks:
+        try:
+            sock.send(piece)
+        except OSError:
+            pass  # shed or timed out: that is the router's right
+
+
+class LimitedRouter(RouterProcess):
+    """A router process whose descriptor limit (soft and hard) is ``nofile``."""
+
+    def __init__(self, nofile: int, *extra: str) -> None:
+        # RouterProcess's set-up, with the command run under `ulimit -n`.
+        original = Process.__init__
+
+        def limited(self: Process, args: List[str], env=None, cwd=None) -> None:  # type: ignore[no-untyped-def]
+            command = " ".join(args)
+            original(self, ["sh", "-c", f"ulimit -n {nofile} && exec {command}"], env)
+
+        Process.__init__ = limited  # type: ignore[method-assign]
+        try:
+            super().__init__(*extra)
+        finally:
+            Process.__init__ = original  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def limited_router(processes):
+    def start(nofile: int, *extra: str) -> RouterProcess:
+        router = LimitedRouter(nofile, *extra)
+        processes.append(router)
+        return router
+
+    return start
+
+
+def test_trickled_heads_and_idle_connections_cost_no_thread(router_process, backend_process):
+    router = router_process("--header-timeout", "4")
+    backend_process("tests.apps:hello", router.tunnel_address)
+    router.wait_tunnels(1)
+    worker = worker_pid(router.pid)
+    timed_get(router.url)
+    threads_before = status(worker, "Threads")
+    slowest = 0.0
+    with connections(router.http_host, router.http_port, 500) as trickling, \
+            connections(router.http_host, router.http_port, 300) as idle:
+        assert len(trickling) == 500
+        assert len(idle) == 300
+        deadline = time.monotonic() + 3
+        for index, piece in enumerate(b"GET /foo HTTP/1.1\r\nHost: x\r\n"):
+            if time.monotonic() > deadline:
+                break
+            trickle(trickling, bytes([piece]))
+            if index % 4 == 0:
+                slowest = max(slowest, timed_get(router.url))
+            time.sleep(0.1)  # the attackers' pace, not a synchronisation
+        threads_during = status(worker, "Threads")
+        # Past --header-timeout the trickling heads are closed, with a line each.
+        wait_until(lambda: router.count_lines("request head not received within 4s") >= 500, 15,
+                   what="the router to close the slow heads")
+    print(f"threads before {threads_before}, with 800 slow or idle connections {threads_during}; "
+          f"slowest GET meanwhile {slowest * 1000:.0f} ms")
+    assert slowest < 1.0
+    assert threads_during <= threads_before + 4
+    assert router.count_lines("Tunnel removed") == 0
+
+
+def test_connections_beyond_the_descriptor_limit_are_shed_and_the_worker_lives(limited_router, backend_process):
+    router = limited_router(256)
+    backend_process("tests.apps:hello", router.tunnel_address)
+    router.wait_tunnels(1)
+    worker = worker_pid(router.pid)
+    slowest = 0.0
+    with connections(router.http_host, router.http_port, 600) as idle:
+        assert len(idle) == 600  # the kernel's backlog takes them; the router sheds what it cannot hold
+        router.wait_for_line("Shedding client connections")
+        for _ in range(20):
+            slowest = max(slowest, timed_get(router.url))
+        assert worker_pid(router.pid) == worker  # the same worker: it never died
+        open_files = len(list(os.listdir(f"/proc/{worker}/fd")))
+    print(f"worker descriptors at most 256, in use with 600 idle clients: {open_files}; slowest GET {slowest:.3f} s")
+    assert slowest < 1.0
+    assert router.count_lines("Too many open files") == 0
+    assert router.count_lines("Tunnel removed") == 0
+    assert router.count_lines("Booting worker") == 1
+    # Back to normal once they have gone.
+    wait_until(lambda: len(os.listdir(f"/proc/{worker}/fd")) < 64, 15,
+               what="the worker's descriptors back to baseline")
+    timed_get(router.url)
+
+
+def test_the_limited_router_runs_under_its_limit(limited_router):
+    """What the test above relies on: `ulimit -n` reaches the router's worker."""
+    router = limited_router(256)
+    worker = worker_pid(router.pid)
+    with open(f"/proc/{worker}/limits", encoding="ascii") as file:
+        line = next(line for line in file if line.startswith("Max open files"))
+    assert line.split()[3:5] == ["256", "256"]
