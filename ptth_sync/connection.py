@@ -207,15 +207,40 @@ class _H2Connection(h2.connection.H2Connection):
             frame.body_len = size
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
+        if self.config.client_side and not self._stream_id_is_outbound(stream_id):
+            # Push is disabled, so a server may not open streams (RFC 9113 5.1.1):
+            # a connection error, which h2 leaves to header validation (off here).
+            msg = f"Invalid stream ID for peer: the server opened stream {stream_id}"
+            raise h2.exceptions.ProtocolError(msg)
         stream = super()._begin_new_stream(stream_id, allowed_ids)
-        # A stream the server opened on the client (no push here) stays h2's: a connection error.
-        if not self.config.client_side or self._stream_id_is_outbound(stream_id):
-            stream.__class__ = _H2Stream
+        stream.__class__ = _H2Stream
         return stream
 
     def _receive_frame(self, frame: hyperframe.frame.Frame) -> List[h2.events.Event]:
+        """h2's ``_receive_frame`` (4.1-4.4), without its eager ``repr(frame)`` for a trace log.
+
+        And a malformed message (:class:`_Malformed`) resets its stream
+        instead of failing the connection.
+        """
         try:
-            return super()._receive_frame(frame)
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as exc:
+            # Closed by RST_STREAM: a stream error; otherwise a connection error (h2's rule).
+            if not self._stream_is_closed_by_reset(exc.stream_id):
+                raise
+            reset = hyperframe.frame.RstStreamFrame(exc.stream_id)
+            reset.error_code = exc.error_code
+            self._prepare_for_sending([reset])
+            return exc._events
+        except h2.exceptions.StreamIDTooLowError as exc:
+            if self._stream_is_closed_by_reset(exc.stream_id):
+                reset = hyperframe.frame.RstStreamFrame(exc.stream_id)
+                reset.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([reset])
+                return []
+            if self._stream_is_closed_by_end(exc.stream_id):
+                raise h2.exceptions.StreamClosedError(exc.stream_id) from exc
+            raise
         except _Malformed as exc:
             # A stream error (RFC 9113 §8.1.1): reset that stream, keep the connection.
             try:
@@ -225,6 +250,8 @@ class _H2Connection(h2.connection.H2Connection):
             if type(frame) is hyperframe.frame.DataFrame:  # its bytes still count against the connection window
                 self.acknowledge_received_data(frame.flow_controlled_length, exc.stream_id)
             return [StreamMalformed(exc.stream_id, exc.reason)]
+        self._prepare_for_sending(frames)
+        return events
 
     def take_output(self) -> List[Any]:
         """Everything queued for the wire, as buffers in order; clears it."""
@@ -486,12 +513,17 @@ class Connection:
         # Outbound checks are ours: both roles send header blocks they built
         # themselves, lower-cased and without connection-specific headers
         # (ptth_sync.headers), which saves h2 a second pass per request.
-        # Inbound checks stay on: the peer may be anything.
+        # Inbound checks stay on for the server role: a request may come from
+        # anything. The client role (the router) checks each response once
+        # itself as it turns it into HTTP/1.1 (headers.response_status and
+        # response_headers), and h2's pass over it would be a second one.
         config = h2.config.H2Configuration(
             client_side=client_side,
             header_encoding=None,
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
+            validate_inbound_headers=not client_side,
+            normalize_inbound_headers=not client_side,
         )
         self._h2 = _H2Connection(config)
         _tune_allocator()

@@ -145,28 +145,68 @@ def header_list_size(headers: Sequence[Header]) -> int:
 
 
 def response_status(headers: Sequence[Header]) -> Tuple[int, str]:
-    """``(200, "200 OK")`` from a response header block."""
-    for name, value in headers:
-        if name == b":status":
-            code = int(value)
-            try:
-                phrase = HTTPStatus(code).phrase
-            except ValueError:
-                phrase = "Unknown"
-            return code, f"{code} {phrase}"
-    msg = "response has no :status"
-    raise InvalidHeader(msg)
+    """``(200, "200 OK")`` from a response header block; :class:`InvalidHeader` for a malformed one.
+
+    The router's HTTP/2 stack leaves inbound header checks to this module
+    (they would be done twice): the block must open with exactly one
+    ``:status`` of three digits, and hold no other pseudo-header.
+    """
+    if not headers or headers[0][0] != b":status":
+        msg = "response does not start with :status"
+        raise InvalidHeader(msg)
+    value = headers[0][1]
+    if len(value) != 3 or not value.isdigit():
+        msg = f"invalid :status {value[:20]!r}"
+        raise InvalidHeader(msg)
+    code = int(value)
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return code, f"{code} {phrase}"
+
+
+# Response header names already checked (lower-case tokens that are not
+# connection-specific), with their text: names repeat from one response to the
+# next, so each is checked once. Bounded, so that a hostile peer cannot grow it.
+_CHECKED_NAMES: Dict[bytes, str] = {}
+_CHECKED_NAMES_MAX = 2048
+_LOWER_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
+
+
+def _response_header_name(name: bytes) -> str:
+    text = _CHECKED_NAMES.get(name)
+    if text is not None:
+        return text
+    if name[:1] == b":":
+        msg = f"unexpected pseudo-header {name[:40]!r} in a response"
+        raise InvalidHeader(msg)
+    if not _LOWER_TOKEN.match(name):
+        msg = f"invalid response header name {name[:40]!r}"
+        raise InvalidHeader(msg)
+    text = name.decode("latin-1")
+    if text in HOP_BY_HOP:
+        msg = f"connection-specific header {text!r} in an HTTP/2 response"
+        raise InvalidHeader(msg)
+    if len(_CHECKED_NAMES) < _CHECKED_NAMES_MAX:
+        _CHECKED_NAMES[name] = text
+    return text
 
 
 def response_headers(headers: Sequence[Header]) -> List[Tuple[str, str]]:
-    """WSGI response headers from an HTTP/2 block: no pseudo or hop-by-hop headers, repeats kept."""
+    """WSGI response headers from an HTTP/2 block (after :func:`response_status`), repeats kept.
+
+    Raises :class:`InvalidHeader` for what RFC 9113 calls malformed (an
+    uppercase or invalid name, a connection-specific header, a pseudo-header
+    after ``:status``) and for a value with CR, LF or NUL, which would split
+    the HTTP/1.1 response the router writes.
+    """
     result = []
-    for name, value in headers:
-        if name[:1] == b":":
-            continue
-        text = name.decode("latin-1")
-        if text in HOP_BY_HOP:
-            continue
+    for name, value in headers[1:]:
+        text = _response_header_name(name)
+        if _BAD_VALUE.search(value):
+            msg = f"response header {text} has a value with CR, LF or NUL"
+            raise InvalidHeader(msg)
         result.append((text, value.decode("latin-1")))
     return result
 

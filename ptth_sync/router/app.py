@@ -443,12 +443,14 @@ class Router:
             break
         try:
             code, status = response_status(response)
-        except (InvalidHeader, ValueError):
-            stream.close()
+            wsgi_headers = response_headers(response)
+        except InvalidHeader as exc:
+            log.warning("%s %s: 502, tunnel %s sent a malformed response: %s", method, target, tunnel.name, exc)
+            stream.close(ErrorCodes.PROTOCOL_ERROR)  # a stream error (RFC 9113 8.1.1): the tunnel carries on
             body.finish()
             return self._reply_error(start_response, 502, "Bad Gateway", "the backend sent an invalid response",
                                      started, body)
-        start_response(status, response_headers(response))
+        start_response(status, wsgi_headers)
         if method == "HEAD" or code in _NO_BODY_STATUSES:
             stream.close()
             body.finish()

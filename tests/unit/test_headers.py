@@ -284,8 +284,10 @@ def test_response_headers_drop_pseudo_headers():
 
 
 @pytest.mark.parametrize("name", [b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te"])
-def test_response_headers_drop_hop_by_hop_headers(name):
-    assert response_headers([(b":status", b"200"), (name, b"x"), (b"x-kept", b"1")]) == [("x-kept", "1")]
+def test_response_headers_refuse_connection_specific_headers(name):
+    """RFC 9113 8.2.2: such a response is malformed (the router answers 502 and resets the stream)."""
+    with pytest.raises(InvalidHeader, match="connection-specific"):
+        response_headers([(b":status", b"200"), (name, b"x"), (b"x-kept", b"1")])
 
 
 def test_response_headers_keep_repeated_headers_in_order():
@@ -294,7 +296,37 @@ def test_response_headers_keep_repeated_headers_in_order():
 
 
 def test_response_headers_decode_values_as_latin1():
-    assert response_headers([(b"x-name", b"caf\xe9")]) == [("x-name", "caf\xe9")]
+    assert response_headers([(b":status", b"200"), (b"x-name", b"caf\xe9")]) == [("x-name", "caf\xe9")]
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ((b"X-Upper", b"1"), "invalid response header name"),
+        ((b"x bad", b"1"), "invalid response header name"),
+        ((b"", b"1"), "invalid response header name"),
+        ((b":path", b"/"), "pseudo-header"),
+        ((b":status", b"200"), "pseudo-header"),
+        ((b"x-split", b"a\r\nset-cookie: evil=1"), "CR, LF or NUL"),
+        ((b"x-nul", b"a\x00b"), "CR, LF or NUL"),
+        ((b"x-lf", b"a\nb"), "CR, LF or NUL"),
+    ],
+)
+def test_response_headers_refuse_what_would_split_or_confuse_the_http1_response(header, reason):
+    """The router does this check once, in place of h2's inbound validation."""
+    with pytest.raises(InvalidHeader, match=reason):
+        response_headers([(b":status", b"200"), header])
+
+
+@pytest.mark.parametrize("status", [b"20", b"2000", b"abc", b"", b" 200"])
+def test_response_status_refuses_a_status_that_is_not_three_digits(status):
+    with pytest.raises(InvalidHeader, match="invalid :status"):
+        response_status([(b":status", status)])
+
+
+def test_response_status_must_come_first():
+    with pytest.raises(InvalidHeader, match=":status"):
+        response_status([(b"content-type", b"text/plain"), (b":status", b"200")])
 
 
 # -- build_environ -----------------------------------------------------------------
