@@ -461,7 +461,7 @@ class ConnectionSettings:
     max_header_list_size: int = 64 * 1024
     #: Bytes asked of one ``recv`` call.
     recv_size: int = 256 * 1024
-    #: Seconds the peer has to send its SETTINGS before we give up on it.
+    #: Seconds the peer has to send its SETTINGS before we give up on it (0: no limit).
     settings_timeout: float = 10.0
     #: After this many seconds without a byte from the peer, send a PING (0: never).
     ping_interval: float = 15.0
@@ -1006,6 +1006,8 @@ class Connection:
         """How long the reader may wait for bytes before a timer is due."""
         s = self.settings
         if not self._ready.is_set():
+            if s.settings_timeout <= 0:
+                return -1
             due = self._started_at + s.settings_timeout
         elif self._ping_sent_at is not None:
             due = self._ping_sent_at + s.ping_timeout
@@ -1020,7 +1022,7 @@ class Connection:
         s = self.settings
         now = time.monotonic()
         if not self._ready.is_set():
-            if now - self._started_at >= s.settings_timeout:
+            if 0 < s.settings_timeout <= now - self._started_at:
                 return f"peer sent no HTTP/2 SETTINGS within {s.settings_timeout:g}s"
             return None
         if self._ping_sent_at is not None:

@@ -173,6 +173,9 @@ class Backend:
         self.plain_settings = dataclasses.replace(
             self.settings, max_concurrent_streams=max(threads, PLAIN_WIRE_STREAMS),
             stream_window=min(self.settings.stream_window, PLAIN_WIRE_STREAM_WINDOW),
+            # A Go http2.Transport (the seed's router) sends its preface only with
+            # its first request, which may come any time: no deadline for it.
+            settings_timeout=0,
         )
         self._pool = ThreadPool(threads)
         self._stopping = threading.Event()
@@ -370,7 +373,7 @@ class Backend:
                 return None
             self._connections[id(connection)] = connection
         connection.start()
-        established = connection.wait_ready(settings.settings_timeout + 1.0)
+        established = connection.wait_ready(settings.settings_timeout + 1.0 if settings.settings_timeout > 0 else None)
         if established:
             log.info("Tunnel to %s established", route.name)
         connection.wait_closed()
