@@ -553,11 +553,32 @@ class Connection:
         self.close_reason: Optional[str] = None
         self._reader: Optional[threading.Thread] = None
         self._writer: Optional[threading.Thread] = None
+        self._prepared = False
 
     # -- life cycle --------------------------------------------------------
 
-    def start(self) -> None:
-        """Send our preface and settings and start the reader and writer threads."""
+    def start(self, initial_data: bytes = b"") -> None:
+        """Send our preface and settings and start the reader and writer threads.
+
+        ``initial_data``: more bytes already read from the socket (after :meth:`prepare`).
+        """
+        self._initial_data += initial_data
+        self.prepare()
+        self._reader = threading.Thread(target=self._read_loop, name=f"ptth-reader {self.name}", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name=f"ptth-writer {self.name}", daemon=True)
+        self._writer.start()
+        self._reader.start()
+        self._writer_kick()
+
+    def prepare(self) -> None:
+        """Queue our preface and settings, with no thread yet; :meth:`start` does it if not done.
+
+        :meth:`send_prepared` then sends what the socket takes at once: a
+        router can greet a silent peer without spending threads on it.
+        """
+        if self._prepared:
+            return
+        self._prepared = True
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # Defensive: not a TCP socket (a socketpair in tests)
@@ -582,11 +603,10 @@ class Connection:
             self._h2.max_inbound_frame_size = s.max_frame_size
             self._h2.increment_flow_control_window(_MAX_WINDOW - _DEFAULT_WINDOW)
             self._queue_output()
-        self._reader = threading.Thread(target=self._read_loop, name=f"ptth-reader {self.name}", daemon=True)
-        self._writer = threading.Thread(target=self._write_loop, name=f"ptth-writer {self.name}", daemon=True)
-        self._writer.start()
-        self._reader.start()
-        self._writer_kick()
+
+    def send_prepared(self) -> None:
+        """Before :meth:`start`: send what is queued as far as the socket takes it without blocking."""
+        self._send_without_blocking()
 
     @property
     def alive(self) -> bool:

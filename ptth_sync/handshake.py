@@ -128,7 +128,7 @@ def dial_upgrade(sock: socket.socket, authority: str, token: Optional[str], orig
 
 
 def accept_upgrade(sock: socket.socket, access: Optional[TunnelAccess] = None, timeout: float = 10.0,
-                   first_bytes_wait: float = 1.0) -> Tuple[bytes, Optional[str]]:
+                   first_bytes_wait: float = 1.0, received: bytes = b"") -> Tuple[bytes, Optional[str]]:
     """Router side: read how a new tunnel opens; answer an upgrade.
 
     Returns ``(leftover, origin)``: bytes already read that belong to HTTP/2,
@@ -140,7 +140,8 @@ def accept_upgrade(sock: socket.socket, access: Optional[TunnelAccess] = None, t
 
     A backend on the plain wire sends its SETTINGS at once or waits for our
     preface; one that upgrades sends ``GET `` at once. So the first four bytes,
-    or ``first_bytes_wait`` seconds of silence, tell which.
+    or ``first_bytes_wait`` seconds of silence, tell which. ``received``: bytes
+    the caller already read from the socket (a whole upgrade request, say).
     """
     from gunicorn.config import Config
     from gunicorn.http.errors import ParseException
@@ -148,7 +149,7 @@ def accept_upgrade(sock: socket.socket, access: Optional[TunnelAccess] = None, t
 
     deadline = time.monotonic() + timeout
     try:
-        first = b""
+        first = received
         try:
             sock.settimeout(min(first_bytes_wait, timeout))
             while len(first) < 4 and b"GET "[: len(first)] == first:
@@ -158,7 +159,7 @@ def accept_upgrade(sock: socket.socket, access: Optional[TunnelAccess] = None, t
                 first += chunk
         except socket.timeout:
             pass  # silent: a plain-wire backend waiting for our preface
-        if first != b"GET ":
+        if first[:4] != b"GET ":
             if access is not None and access.required:
                 msg = "plain-wire tunnel refused: this router requires the token handshake"
                 raise HandshakeRefused(401, msg)

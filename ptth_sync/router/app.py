@@ -24,7 +24,9 @@ from ..tls import TLSChannel
 from .admin import PUBLISH_INTERVAL, AdminServer, SharedMetrics, is_loopback
 from .checks import CLOSE_CONNECTION, check_request
 from .fleet import WorkerFleet
+from .limits import descriptor_budget
 from .metrics import RouterMetrics, merge, opening_failure_reason
+from .opening import PendingTunnels
 from .pool import TunnelPool
 
 __all__ = ["Router"]
@@ -42,6 +44,8 @@ SMALL_BODY = 64 * 1024
 UPLOAD_CHUNK = 1024 * 1024
 
 _NO_BODY_STATUSES = (204, 304)
+#: Tunnel connections that may be opening at once, per accept loop (see opening.py).
+MAX_PENDING_TUNNELS = 256
 
 
 class TunnelBroken(PTTHError):
@@ -111,6 +115,7 @@ class Router:
         self._lock = threading.Lock()
         self._gone = threading.Condition(self._lock)  # a tunnel's close callback has finished
         self._closed = False
+        self._tls_openings = 0  # TLS handshakes running, each on a thread
 
     # -- tunnels --------------------------------------------------------------
 
@@ -148,11 +153,15 @@ class Router:
             self._acceptors.append(thread)
         thread.start()
 
-    def add_tunnel(self, sock: socket.socket, initial_data: bytes = b"", origin: str = ANY) -> Connection:
+    def add_tunnel(
+        self, sock: socket.socket, initial_data: bytes = b"", origin: str = ANY, start: bool = True
+    ) -> Connection:
         """Start serving as the HTTP/2 client on a connected socket a backend dialled.
 
         ``initial_data``: bytes already read from the socket that belong to
-        HTTP/2; ``origin``: what the tunnel serves, in normal form (``*``: any host).
+        HTTP/2; ``origin``: what the tunnel serves, in normal form (``*``: any
+        host). With ``start`` False the connection is registered but not
+        started: the caller starts it (or passes it to :meth:`discard_unstarted`).
         """
         connection = Connection(
             sock,
@@ -169,8 +178,27 @@ class Router:
                 raise ConnectionClosed(msg, request_sent=False)
             self._connections[id(connection)] = connection
             self._origins[id(connection)] = origin
-        connection.start()
+        if start:
+            connection.start()
         return connection
+
+    def start_tunnel(
+        self, sock: socket.socket, initial_data: bytes, origin: str, start: bool = True
+    ) -> Optional[Connection]:
+        """:meth:`add_tunnel` for a connection whose opening just completed; None if the router closed."""
+        try:
+            return self.add_tunnel(sock, initial_data, origin, start)
+        except ConnectionClosed:
+            if self.fleet is not None:
+                self.fleet.tunnel_removed()
+            return None
+
+    def discard_unstarted(self, connection: Connection) -> None:
+        """Forget a connection :meth:`add_tunnel` registered with ``start=False`` (its opening failed)."""
+        with self._lock:
+            self._connections.pop(id(connection), None)
+            self._origins.pop(id(connection), None)
+            self._gone.notify_all()
 
     def takes_clients(self) -> bool:
         """Whether this process should take public connections now (always, unless in a fleet)."""
@@ -219,45 +247,75 @@ class Router:
         Non-blocking, because the listener may be shared by several router
         processes: whichever accepts first takes the tunnel. In a fleet, a
         worker holding more tunnels than another leaves it a moment to.
+        Connections still opening wait in this loop's poller without threads
+        (:class:`~ptth_sync.router.opening.PendingTunnels`); over TLS, the
+        handshake takes a thread, and at most as many run at once as may wait.
         """
         listener.setblocking(False)
         poller = select.poll()
         poller.register(listener, select.POLLIN)
         poller.register(wake_fd, select.POLLIN)
-        while True:
-            events = poller.poll()
-            if self._closed:
-                return
-            if not any(fd != wake_fd for fd, _ in events):
-                continue
-            if self.fleet is not None and not self.fleet.least_loaded():
-                time.sleep(0.05)  # a less loaded worker takes it; if none has within a moment, we do
+        _, max_pending = descriptor_budget()
+        max_pending = min(max_pending, MAX_PENDING_TUNNELS)
+        pending = PendingTunnels(self, poller, max_pending)
+        listener_fd = listener.fileno()
+        paused_until = 0.0
+        try:
+            while True:
+                events = poller.poll(pending.timeout_ms() if time.monotonic() >= paused_until else 100)
                 if self._closed:
                     return
-            try:
-                sock, _ = listener.accept()
-                sock.setblocking(True)
-            except BlockingIOError:
-                continue  # another worker took it
-            except OSError:
-                if self._closed:
-                    return
-                log.exception("accepting a tunnel failed")
-                time.sleep(0.1)  # out of file descriptors, say: do not spin
-                continue
-            if self._closed:
-                sock.close()
-                return
-            if self.fleet is not None:
-                self.fleet.tunnel_added()  # counted from now, so the next one goes elsewhere
-            # The opening (plain wire or PTTH upgrade) has a deadline, and a slow
-            # or silent peer must not hold up the next one: a thread each.
-            threading.Thread(target=self._open_tunnel, args=(sock,), name="ptth-handshake", daemon=True).start()
+                for fd, _ in events:
+                    if fd in pending:
+                        pending.readable(fd)
+                pending.expire()
+                if not any(fd == listener_fd for fd, _ in events):
+                    continue
+                if self.fleet is not None and not self.fleet.least_loaded():
+                    time.sleep(0.05)  # a less loaded worker takes it; if none has within a moment, we do
+                    if self._closed:
+                        return
+                # In a fleet, one at a time: each tunnel goes to the least loaded process.
+                for _ in range(64 if self.fleet is None else 1):
+                    try:
+                        sock, _ = listener.accept()
+                    except BlockingIOError:
+                        break  # another worker took it, or the backlog is empty
+                    except OSError as exc:
+                        if self._closed:
+                            return
+                        log.warning("Accepting a tunnel failed: %s", exc)
+                        if len(pending):
+                            pending.shed_oldest()
+                        paused_until = time.monotonic() + 0.1  # out of descriptors, say: do not spin
+                        break
+                    if self.fleet is not None:
+                        self.fleet.tunnel_added()  # counted from now, so the next one goes elsewhere
+                    if self.ssl_context is None:
+                        sock.setblocking(False)
+                        pending.add(sock, _peer(sock))
+                    elif self._tls_openings >= max_pending:
+                        log.warning("Refused a tunnel connection from %s: %d TLS handshakes already running",
+                                    _peer(sock), max_pending)
+                        sock.close()
+                        if self.fleet is not None:
+                            self.fleet.tunnel_removed()
+                    else:
+                        with self._lock:
+                            self._tls_openings += 1
+                        threading.Thread(target=self._open_tunnel, args=(sock,), name="ptth-handshake",
+                                         daemon=True).start()
+        finally:
+            pending.close_all()
 
     def _open_tunnel(self, sock: socket.socket) -> None:
         peer = _peer(sock)
-        if not self._open_and_add(sock, peer) and self.fleet is not None:
-            self.fleet.tunnel_removed()
+        try:
+            if not self._open_and_add(sock, peer) and self.fleet is not None:
+                self.fleet.tunnel_removed()
+        finally:
+            with self._lock:
+                self._tls_openings -= 1
 
     def _open_and_add(self, sock: socket.socket, peer: str) -> bool:
         """Handshake and start the tunnel; False when it never became a connection."""

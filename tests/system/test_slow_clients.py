@@ -168,3 +168,34 @@ def test_the_limited_router_runs_under_its_limit(limited_router):
     with open(f"/proc/{worker}/limits", encoding="ascii") as file:
         line = next(line for line in file if line.startswith("Max open files"))
     assert line.split()[3:5] == ["256", "256"]
+
+
+def test_a_flood_of_silent_and_slow_tunnel_connections_does_not_keep_a_backend_out(
+    limited_router, backend_process
+):
+    """2,000 silent or slowly upgrading connections on the tunnel port, under ulimit -n 1024.
+
+    They cost the router no thread (its thread count stays put), it never
+    dies of EMFILE, it sheds the oldest when too many are opening at once,
+    and a real backend that dials meanwhile has its tunnel within a second.
+    """
+    router = limited_router(1024)
+    worker = worker_pid(router.pid)
+    threads_before = status(worker, "Threads")
+    with connections(router.tunnel_host, router.tunnel_port, 1000) as silent, \
+            connections(router.tunnel_host, router.tunnel_port, 1000) as slow:
+        trickle(slow, b"GET /.well-known/ptth/")
+        threads_during = status(worker, "Threads")
+        started = time.monotonic()
+        backend = backend_process("tests.apps:hello", router.tunnel_address)
+        router.wait_tunnels(1, timeout=10)
+        joined = time.monotonic() - started
+        assert timed_get(router.url) < 1.0
+        print(f"threads before {threads_before}, with 2,000 opening connections {threads_during}; "
+              f"a backend joined in {joined:.2f} s (process start included); {len(silent) + len(slow)} connected")
+    assert threads_during <= threads_before + 2
+    assert joined < 3.0  # a fresh Python process takes most of it; the router itself adds well under a second
+    assert router.wait_for_line("Shedding tunnel connections still opening")
+    assert worker_pid(router.pid) == worker
+    assert router.count_lines("Too many open files") == 0
+    assert backend.count_lines("lost") == 0
