@@ -28,6 +28,8 @@ from ..cli import (
     positive_float,
     positive_int,
     read_token,
+    thread_count,
+    worker_count,
 )
 from ..connection import ConnectionSettings
 from ..tls import server_context
@@ -49,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where backends dial in (default: %(default)s)")
     parser.add_argument("--http", default="127.0.0.1:8888", metavar="HOST:PORT",
                         help="where HTTP clients connect (default: %(default)s)")
-    parser.add_argument("--workers", type=positive_int, default=1, metavar="N",
+    parser.add_argument("--workers", type=worker_count, default=1, metavar="N",
                         help="router processes; each needs tunnels of its own, so give backends "
                              "--tunnels N or more (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int, default=1000, metavar="N",
+    parser.add_argument("--threads", type=thread_count, default=1000, metavar="N",
                         help="requests proxied at once, each on a thread; waiting connections need none "
                              "(default: %(default)s)")
     parser.add_argument("--keep-alive", type=positive_float, default=5.0, metavar="SECONDS",

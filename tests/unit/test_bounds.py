@@ -21,6 +21,7 @@ from ptth_sync.cli import (
     tunnel_count,
     worker_count,
 )
+from ptth_sync.router.server import build_parser as router_parser
 from ptth_sync.worker import TunnelWorker, tunnel_backoff, tunnel_options, tunnel_threads
 from tests import apps
 
@@ -166,3 +167,12 @@ def test_gunicorn_refuses_to_boot_above_a_limit(monkeypatch, setting, env, messa
         cfg.set(name, value)
     with pytest.raises(RuntimeError, match=message):
         TunnelWorker.check_config(cfg, mock.Mock())
+
+
+@pytest.mark.parametrize(("option", "value", "limit"), [("--threads", "10001", "10000"), ("--workers", "257", "256")])
+def test_the_router_refuses_counts_over_their_limit_in_one_line(option, value, limit, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        router_parser().parse_args([option, value])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"over the limit of {limit}" in error
