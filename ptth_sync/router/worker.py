@@ -256,7 +256,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
     """
 
     #: After a response, how long a thread waits for the next request before giving the connection back.
-    linger: float = 0.05
+    linger: float = 0.5
 
     def init_process(self) -> None:
         self._pool = _ElasticPool(self.cfg.threads)
