@@ -9,8 +9,13 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ptth_sync", "ptth_sync.*"]),
-    python_requires=">=3.9",
-    install_requires=["h2>=4.1,<5", "hyperframe>=6,<7", "gunicorn>=23"],
+    license="MIT",
+    license_files=["LICENSE"],
+    python_requires=">=3.10",
+    # gunicorn 26.2: Unreader.take_buffered, Parser.finish_body(deadline=), util.close_graceful.
+    # h2 4.1 to 4.4: the engine overrides private h2 methods (ptth_sync/connection.py) checked
+    # against these; CI runs the suite on the oldest of each (gunicorn 26.2.0, h2 4.1.0).
+    install_requires=["h2>=4.1,<4.5", "hyperframe>=6,<7", "gunicorn>=26.2"],
     extras_require={
         "test": [
             "pytest>=7",
@@ -24,7 +29,13 @@ setup(
         "lint": ["ruff>=0.5"],
     },
     classifiers=[
+        "License :: OSI Approved :: MIT License",
         "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
         "Topic :: Internet :: WWW/HTTP :: WSGI :: Server",
         "Topic :: Internet :: Proxy Servers",
     ],

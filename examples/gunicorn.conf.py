@@ -5,9 +5,10 @@
     cd examples/django_app && gunicorn -c ../gunicorn.conf.py mysite.wsgi:application   # Django
 
 The routers come from the environment, which gunicorn leaves alone:
-PTTH_CONNECT=HOST:PORT[,HOST:PORT...] (default 127.0.0.1:8887) and PTTH_TUNNELS=N (connections
-per router per worker, default 1). PTTH_TOKEN makes gunicorn refuse to start (no token handshake
-yet). To fix them here instead, use raw_env; it overrides the environment:
+PTTH_CONNECT=HOST:PORT[,HOST:PORT...] (default 127.0.0.1:8887), PTTH_TUNNELS=N (connections
+per router per worker, default 1), PTTH_TOKEN or PTTH_TOKEN_FILE (the router's token, sent in
+the PTTH upgrade), PTTH_MAX_BACKOFF (the longest wait between two dials, default 5 s). To fix
+them here instead, use raw_env; it overrides the environment:
 
     raw_env = ["PTTH_CONNECT=router-1.internal:8887,router-2.internal:8887"]
 """

@@ -103,7 +103,7 @@ def dial_upgrade(sock: socket.socket, authority: str, token: Optional[str], orig
                 msg = "router closed the connection during the upgrade"
                 raise HandshakeFailed(msg)
             received += chunk
-    except socket.timeout:
+    except TimeoutError:
         msg = f"no answer to the upgrade within {timeout:g}s"
         raise HandshakeFailed(msg) from None
     finally:
@@ -157,7 +157,7 @@ def accept_upgrade(sock: socket.socket, access: Optional[TunnelAccess] = None, t
                 if not chunk:
                     break
                 first += chunk
-        except socket.timeout:
+        except TimeoutError:
             pass  # silent: a plain-wire backend waiting for our preface
         if first[:4] != b"GET ":
             if access is not None and access.required:
@@ -205,7 +205,7 @@ def accept_upgrade(sock: socket.socket, access: Optional[TunnelAccess] = None, t
         _answer(sock, 101, "Switching Protocols",
                 (("Connection", "upgrade"), ("Upgrade", "ptth"), ("ALPN", "h2")), close=False)
         return parser.unreader.take_buffered(), origin
-    except socket.timeout:
+    except TimeoutError:
         msg = f"no complete upgrade request within {timeout:g}s"
         raise HandshakeFailed(msg) from None
     finally:

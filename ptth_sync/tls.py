@@ -73,7 +73,7 @@ class TLSChannel:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     msg = "TLS handshake timed out"
-                    raise socket.timeout(msg)
+                    raise TimeoutError(msg)
                 self._sock.settimeout(remaining)
                 data = self._sock.recv(65536)
                 if not data:

@@ -121,7 +121,7 @@ class H2Peer:
         self.sock.settimeout(remaining)
         try:
             data = self.sock.recv(256 * 1024)
-        except socket.timeout:
+        except TimeoutError:
             return False
         except OSError:  # reset: the other side closed with our bytes unread
             data = b""

@@ -110,7 +110,7 @@ class _ClientSocket:
             remaining = self._deadline - time.monotonic()
             if remaining <= 0:
                 msg = "timed out"
-                raise socket.timeout(msg)
+                raise TimeoutError(msg)
             self._sock.settimeout(remaining)
         return self._sock.recv(size)
 
@@ -158,7 +158,7 @@ class ClientConnectionLoop:
                 client.head_done()
                 if not self._handle_request(listener, req, client, addr):
                     break
-        except socket.timeout:
+        except TimeoutError:
             if isinstance(client, _ClientSocket) and client.in_head:
                 self.log.info("Closing connection from %s: request head not received within %gs",
                               addr[0] if addr else "?", self.header_timeout)
@@ -318,7 +318,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         keep = False
         try:
             keep = self._serve_requests(client)
-        except socket.timeout:
+        except TimeoutError:
             if client.started:
                 self.log.info("Closing connection from %s: request head not received within %gs", client.peer,
                               self.header_timeout)

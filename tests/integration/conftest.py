@@ -34,3 +34,12 @@ def start_backend(router):
     yield start
     for backend in backends:
         backend.close()
+
+
+@pytest.fixture
+def backends():
+    """A list to put Backends in; every one is closed at teardown."""
+    started: List[Backend] = []
+    yield started
+    for backend in started:
+        backend.close()

@@ -79,14 +79,6 @@ class ClosingListener:
         self.sock.close()
 
 
-@pytest.fixture
-def backends():
-    started: List[Backend] = []
-    yield started
-    for backend in started:
-        backend.close()
-
-
 def start(backends: List[Backend], address: Any, **options: Any) -> RecordingBackend:
     backend = RecordingBackend(address, apps.hello, backoff_max=CAP, **options)
     backends.append(backend.start())

@@ -37,14 +37,6 @@ def get(router: Router, host: str, scheme: str = "http") -> WSGIResponse:
     return WSGIResponse(captured["status"], captured["headers"], iterable)
 
 
-@pytest.fixture
-def backends():
-    started: List[Backend] = []
-    yield started
-    for backend in started:
-        backend.close()
-
-
 def serve(router: Router, backends: List[Backend], word: str, **options: Any) -> Backend:
     backend = Backend(router.tunnel_address, app_saying(word), threads=4, **options).start()
     backends.append(backend)
