@@ -1,22 +1,26 @@
-"""The router's gunicorn worker: one thread per client connection.
+"""The router's gunicorn worker: waiting connections in a selector, a thread per request.
 
 A proxied request spends most of its life waiting on a tunnel, so it wants a
-thread of its own, and every hand-off between threads costs the router CPU it
-is short of. gunicorn's ``gthread`` worker hands each keep-alive connection
-back to a poller thread after every request and out to a pool thread for the
-next one. This worker lets a thread own its connection: it parses requests
-with gunicorn's HTTP/1.1 parser, calls the application, writes the response
-with gunicorn's writer and waits on the same socket for the next request.
-Everything else is gunicorn's: the arbiter, signals, hooks, error pages, the
-access log, TLS wrapping, ``max_requests``.
+thread of its own; a connection with no request in progress does not. The
+worker's main thread holds every waiting connection (accept, TLS handshake,
+a request head still arriving, idle keep-alive) in a
+:class:`~ptth_sync.router.front.ClientFront`; a connection with a complete
+request head goes to a pool thread, which parses it with gunicorn's HTTP/1.1
+parser, calls the application, writes the response with gunicorn's writer,
+and keeps the connection while the next request follows within
+:attr:`RouterWorker.linger` seconds (gunicorn's ``gthread`` hands every
+keep-alive connection back to its poller after each request, which costs a
+thread hand-off per request). Everything else is gunicorn's: the arbiter,
+signals, hooks, error pages, the access log, ``max_requests``.
 
-Settings, with their gunicorn meaning: ``threads`` is the number of client
-connections served at once (more wait in the listen backlog); ``keepalive``
-how long an idle connection is kept; ``timeout`` bounds each socket read or
-write of a request in progress; ``graceful_timeout`` how long requests in
-flight may take on SIGTERM. One more, :attr:`RouterWorker.header_timeout`,
-bounds the whole request head: a client that trickles it ("slowloris") loses
-its connection instead of pinning a thread.
+Settings, with their gunicorn meaning: ``threads`` is the number of requests
+proxied at once; ``keepalive`` how long an idle connection is kept;
+``timeout`` bounds each socket read or write of a request in progress;
+``graceful_timeout`` how long requests in flight may take on SIGTERM. One
+more, :attr:`ClientConnectionLoop.header_timeout`, bounds the whole request
+head: a client that trickles it ("slowloris") is closed, having cost a socket.
+:class:`ClientConnectionLoop` alone (a thread per connection) serves the
+in-process test server of :mod:`ptth_sync.testing`.
 """
 
 from __future__ import annotations
