@@ -262,7 +262,14 @@ class Router:
         paused_until = 0.0
         try:
             while True:
-                events = poller.poll(pending.timeout_ms() if time.monotonic() >= paused_until else 100)
+                timeout = pending.timeout_ms()
+                if paused_until:
+                    if time.monotonic() >= paused_until:
+                        paused_until = 0.0
+                        poller.register(listener, select.POLLIN)
+                    else:
+                        timeout = 100 if timeout < 0 else min(timeout, 100)
+                events = poller.poll(timeout)
                 if self._closed:
                     return
                 for fd, _ in events:
@@ -287,7 +294,9 @@ class Router:
                         log.warning("Accepting a tunnel failed: %s", exc)
                         if len(pending):
                             pending.shed_oldest()
-                        paused_until = time.monotonic() + 0.1  # out of descriptors, say: do not spin
+                        # Out of descriptors, say: rest the listener a moment rather than spin on it.
+                        poller.unregister(listener)
+                        paused_until = time.monotonic() + 0.1
                         break
                     if self.fleet is not None:
                         self.fleet.tunnel_added()  # counted from now, so the next one goes elsewhere

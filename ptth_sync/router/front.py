@@ -141,6 +141,9 @@ class ClientFront:
 
     def poll(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds and handle what is ready."""
+        resting = self._paused_until - time.monotonic()
+        if resting > 0:  # the listeners rest after an EMFILE: wake when they may accept again
+            timeout = min(timeout, resting)
         try:
             events = self._selector.select(timeout)
         except InterruptedError:
