@@ -14,7 +14,15 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..addresses import Address, AddressLike, format_address, parse_addresses
-from ..cli import MAX_BACKOFF_DEFAULT, check_backoff_max, check_routers, check_threads, check_tunnels
+from ..cli import (
+    LOG_DATE_FORMAT,
+    LOG_FORMAT,
+    MAX_BACKOFF_DEFAULT,
+    check_backoff_max,
+    check_routers,
+    check_threads,
+    check_tunnels,
+)
 from ..connection import Connection, ConnectionSettings, Stream
 from ..handshake import HandshakeFailed, HandshakeRefused, dial_upgrade
 from ..origins import ANY, normalize_origin
@@ -450,6 +458,7 @@ def serve_wsgi(
     """
     backend = Backend(addr, app, threads=threads, tunnels=tunnels, token=token, ssl_context=ssl_context,
                       origins=origins, backoff_max=backoff_max, **options)
+    _log_to_stderr_unless_configured()
     stop = threading.Event()
     graceful = {"value": False}
     previous = {}
@@ -488,6 +497,24 @@ def _check(name: str, check: Callable[[Any], Any], value: Any) -> None:
     except ValueError as exc:
         msg = f"{name}: {exc}"
         raise ValueError(msg) from None
+
+
+def _log_to_stderr_unless_configured() -> None:
+    """Give ``ptth_sync``'s log lines a stderr handler when the application has set up no logging.
+
+    As gunicorn and Flask's development server do: without it, the tunnel's
+    lines (dialing, established, lost) would go nowhere. An application that
+    configured logging (a handler on the root logger or on ``ptth_sync``) keeps
+    its own set-up.
+    """
+    package = logging.getLogger("ptth_sync")
+    if logging.getLogger().handlers or package.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+    package.addHandler(handler)
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO)
 
 
 def _is_ip(host: str) -> bool:
