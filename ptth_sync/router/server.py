@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import socket
 import ssl
 from typing import Any, Dict, List, Optional
@@ -224,6 +225,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "worker_class": type("RouterWorker", (RouterWorker,), {"header_timeout": args.header_timeout}),
         "threads": args.threads,
         "keepalive": max(int(args.keep_alive), 1),
+        # gunicorn's timeout bounds each read or write on a client socket in the worker (and the
+        # heartbeat, which the worker's main loop beats every second): a client that stops
+        # reading, or sending its body, is closed after --timeout like a backend that stops answering.
+        "timeout": max(math.ceil(args.timeout), 1),
         "graceful_timeout": int(args.graceful_timeout),
         "control_socket_disable": True,
         "loglevel": args.log_level,

@@ -322,10 +322,6 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         keep = False
         try:
             keep = self._serve_requests(client)
-        except TimeoutError:
-            if client.started:
-                self.log.info("Closing connection from %s: request head not received within %gs", client.peer,
-                              self.header_timeout)
         except (StopIteration, http.errors.NoMoreData):
             pass  # the client closed
         except ssl.SSLError as exc:
@@ -348,6 +344,19 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         raw = client.sock
         raw.setblocking(True)
         io_socket = _ClientSocket(raw, self.cfg.timeout or None)
+        try:
+            return self._request_loop(client, io_socket)
+        except TimeoutError:
+            if io_socket.in_head:
+                self.log.info("Closing connection from %s: request head not received within %gs", client.peer,
+                              self.header_timeout)
+            else:
+                self.log.info("Closing connection from %s: no progress for %gs (it stopped reading the response "
+                              "or sending its body)", client.peer, self.cfg.timeout)
+            return False
+
+    def _request_loop(self, client: WaitingClient, io_socket: _ClientSocket) -> bool:
+        raw = client.sock
         parser = http.get_parser(self.cfg, io_socket, client.addr)
         parser.unreader.unread(bytes(client.buffer))
         client.buffer = bytearray()
