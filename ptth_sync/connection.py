@@ -609,6 +609,11 @@ class Connection:
         self._send_without_blocking()
 
     @property
+    def started(self) -> bool:
+        """True once :meth:`start` ran (its threads exist)."""
+        return self._reader is not None
+
+    @property
     def alive(self) -> bool:
         """True until the connection has failed or been closed."""
         return self._error is None

@@ -232,7 +232,8 @@ class Router:
         for connection in connections:
             connection.close("router closed")
         for connection in connections:
-            connection.wait_closed(2.0)
+            if connection.started:  # (one still opening has no reader to wait for)
+                connection.wait_closed(2.0)
         with self._lock:  # the drops are counted once the close callbacks have run
             self._gone.wait_for(lambda: not self._connections, 2.0)
         self._stopping.set()
