@@ -6,7 +6,7 @@
 import logging
 import sys
 
-from ptth_sync import serve_wsgi
+from ptth_sync import HandshakeRefused, serve_wsgi
 
 
 def app(environ, start_response):
@@ -19,4 +19,7 @@ def app(environ, start_response):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    serve_wsgi(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:8887", app)
+    try:
+        serve_wsgi(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:8887", app)
+    except HandshakeRefused:
+        sys.exit(1)  # the router refused, or is no tunnel listener: logged already, with the fix

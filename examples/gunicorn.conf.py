@@ -7,8 +7,11 @@
 The routers come from the environment, which gunicorn leaves alone:
 PTTH_CONNECT=HOST:PORT[,HOST:PORT...] (default 127.0.0.1:8887), PTTH_TUNNELS=N (connections
 per router per worker, default 1), PTTH_TOKEN or PTTH_TOKEN_FILE (the router's token, sent in
-the PTTH upgrade), PTTH_MAX_BACKOFF (the longest wait between two dials, default 5 s). To fix
-them here instead, use raw_env; it overrides the environment:
+the PTTH upgrade), PTTH_MAX_BACKOFF (the longest wait between two dials, default 5 s), PTTH_TLS=1
+(dial over TLS; PTTH_CAFILE for a private CA, PTTH_CERTFILE and PTTH_KEYFILE for mutual TLS). A
+router that refuses the workers, or an address that is no tunnel listener, stops gunicorn with one
+line and exit status 3 (see docs/troubleshooting.md). To fix them here instead, use raw_env; it
+overrides the environment:
 
     raw_env = ["PTTH_CONNECT=router-1.internal:8887,router-2.internal:8887"]
 """

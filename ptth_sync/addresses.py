@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple, Union
+from urllib.parse import urlsplit
 
 Address = Tuple[str, int]
 AddressLike = Union[str, Tuple[str, int], Sequence[Union[str, Tuple[str, int]]]]
@@ -18,6 +19,8 @@ def parse_address(value: Union[str, Tuple[str, int]], default_host: str = "127.0
     text = value.strip()
     if text.startswith("tcp://"):
         text = text[len("tcp://") :]
+    elif "://" in text:
+        raise ValueError(_url_error(text))
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit():
         msg = f"not a HOST:PORT address: {value!r}"
@@ -31,6 +34,20 @@ def parse_address(value: Union[str, Tuple[str, int]], default_host: str = "127.0
     return (host or default_host, port)
 
 
+def _url_error(text: str) -> str:
+    """Why a URL is no ``HOST:PORT``, and the address to give instead."""
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    address = format_address((parts.hostname, port)) if parts.hostname and port else "HOST:PORT"
+    hint = f"give {address}"
+    if parts.scheme.lower() == "tls":
+        hint += ", with --tls on the backend (--certfile on the router)"
+    return f"{text!r} is a URL, not a HOST:PORT address: {hint}"
+
+
 def parse_addresses(value: AddressLike) -> List[Address]:
     """Accept one address, a comma-separated string of them, or a list of either."""
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
@@ -38,7 +55,7 @@ def parse_addresses(value: AddressLike) -> List[Address]:
     if isinstance(value, str):
         items: Sequence[Union[str, Tuple[str, int]]] = [p for p in value.split(",") if p.strip()]
     else:
-        items = list(value)  # type: ignore[arg-type]
+        items = list(value)
     addresses = [parse_address(item) for item in items]
     if not addresses:
         msg = "no address given"

@@ -85,9 +85,11 @@ def add_lifecycle_arguments(parser: argparse.ArgumentParser, on_dead_peer: str) 
 
 
 def add_token_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
-    parser.add_argument("--token", default=None, help=f"{help_text} (or the environment variable PTTH_TOKEN)")
-    parser.add_argument("--token-file", default=None, metavar="FILE",
-                        help="read the token from FILE (its first line), so it stays out of `ps`")
+    """--token and --token-file, which exclude each other (argparse refuses both at once)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--token", default=None, help=f"{help_text} (or the environment variable PTTH_TOKEN)")
+    group.add_argument("--token-file", default=None, metavar="FILE",
+                       help="read the token from FILE (its first line), so it stays out of `ps`")
 
 
 def read_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[str]:
@@ -96,27 +98,38 @@ def read_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Opt
         try:
             with open(args.token_file, encoding="utf-8") as file:
                 token = file.readline().strip()
-        except OSError as exc:
-            parser.error(f"cannot read the token file: {exc.strerror}")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            parser.error(f"argument --token-file: cannot read {args.token_file}: {why}")
         if not token:
-            parser.error(f"the token file {args.token_file} is empty")
+            parser.error(f"argument --token-file: {args.token_file} is empty: its first line is the token")
         return token
     token = args.token if args.token is not None else os.environ.get("PTTH_TOKEN")
     return token or None
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        msg = f"must not be negative: {text}"
+    """argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"not a number of seconds: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not math.isfinite(value) or value < 0:
+        msg = f"must be a number of seconds, 0 or more, not {text}"
         raise argparse.ArgumentTypeError(msg)
     return value
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    """argparse type: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"not a whole number: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
     if value < 1:
-        msg = f"must be at least 1: {text}"
+        msg = f"must be at least 1, not {value}"
         raise argparse.ArgumentTypeError(msg)
     return value
 

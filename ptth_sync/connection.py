@@ -63,7 +63,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import h2.config
 import h2.connection
@@ -445,6 +445,8 @@ _CONTROL_EVENTS = (h2.events.PingReceived, h2.events.RemoteSettingsChanged)
 # Past this many queued bytes a DATA sender waits to write instead of queueing more.
 _OUTBOX_HIGH_WATER = 1024 * 1024
 _DEFAULT_WINDOW = 65535
+#: The payload of ConnectionSettings.http1_probe's PING.
+HTTP1_PROBE = b"\r\n\r\nptth"
 
 
 @dataclass(frozen=True)
@@ -478,6 +480,10 @@ class ConnectionSettings:
     #: Bytes we may have queued for a peer that does not read them (PING and
     #: SETTINGS acknowledgements, window updates) before giving up on it.
     max_unsent_bytes: int = 64 * 1024 * 1024
+    #: Server role: follow our SETTINGS with a PING whose payload ends an HTTP/1.1
+    #: request head, so that an HTTP/1.1 server dialled by mistake answers at once
+    #: (as the client preface makes it do) instead of waiting for a request.
+    http1_probe: bool = False
 
 
 class Connection:
@@ -551,6 +557,9 @@ class Connection:
         self._control_window_start = self._started_at
         self._control_frames = self._resets = 0
         self.close_reason: Optional[str] = None
+        #: The peer's first bytes (at most 256) and its GOAWAY's (error code, debug data), once received.
+        self.first_bytes = b""
+        self.goaway_received: Optional[Tuple[int, bytes]] = None
         self._reader: Optional[threading.Thread] = None
         self._writer: Optional[threading.Thread] = None
         self._prepared = False
@@ -595,6 +604,8 @@ class Connection:
         with self._lock:
             self._h2.initiate_connection()
             self._h2.update_settings(local)
+            if s.http1_probe and not self.client_side:
+                self._h2.ping(HTTP1_PROBE)
             # h2 raises its inbound frame limit when the peer ACKs these settings,
             # but sizes its frame buffer once per receive_data call: when the ACK
             # and the peer's first large frame arrive in one read, that frame
@@ -979,6 +990,8 @@ class Connection:
                 if self._error is not None:
                     return self._error.reason
                 return "peer closed the connection"
+            if not self.first_bytes:
+                self.first_bytes = bytes(data[:256])
             self._last_received = time.monotonic()
             new_requests: List[Stream] = []
             became_ready = False
@@ -1179,6 +1192,7 @@ class Connection:
                 self._slots_freed = None
         elif isinstance(event, h2.events.ConnectionTerminated):
             last = event.last_stream_id if event.last_stream_id is not None else 0
+            self.goaway_received = (event.error_code, event.additional_data or b"")
             reason = f"peer sent GOAWAY ({_error_name(event.error_code)})"
             if event.additional_data:
                 reason += f": {event.additional_data[:200].decode('latin-1')!r}"

@@ -23,7 +23,11 @@ does not know (``--env``/``raw_env`` work too):
   upgrade and this bearer token; a router that refuses it stops gunicorn;
 - ``PTTH_TLS=1``: dial the routers over TLS, verifying their certificates
   (``PTTH_CAFILE`` for a private CA; ``PTTH_CERTFILE``/``PTTH_KEYFILE`` to
-  present a client certificate for mutual TLS).
+  present a client certificate for mutual TLS; either implies ``PTTH_TLS``).
+
+What no redial can change (a refused token, a token, TLS or a client
+certificate required, TLS on one side only, an HTTP port instead of a tunnel
+listener) stops gunicorn as a boot error (exit status 3), after one line.
 
 gunicorn's own settings keep their meaning: ``threads`` (at most 10,000)
 sizes the request pool, and is advertised to the router as the tunnel's
@@ -66,7 +70,7 @@ from .cli import MAX_BACKOFF_DEFAULT, MIN_BACKOFF_MAX, check_backoff_max, check_
 from .connection import Stream
 from .gunicorn_base import ThreadedWorker
 from .origins import normalize_origin
-from .tls import client_context
+from .tls import TLSConfigError, client_context
 
 __all__ = [
     "TunnelRequest",
@@ -160,13 +164,16 @@ def tunnel_security(environ: Mapping[str, str]) -> Tuple[Optional[str], Optional
             msg = f"PTTH_TOKEN_FILE: {token_file} is empty"
             raise ValueError(msg)
     context = None
-    if environ.get("PTTH_TLS", "").lower() in ("1", "true", "yes", "on") or environ.get("PTTH_CAFILE"):
+    cafile, certfile, keyfile = (environ.get(name) or None for name in ("PTTH_CAFILE", "PTTH_CERTFILE", "PTTH_KEYFILE"))
+    if keyfile and not certfile:
+        msg = "PTTH_KEYFILE needs PTTH_CERTFILE (the client certificate the key belongs to)"
+        raise ValueError(msg)
+    if environ.get("PTTH_TLS", "").lower() in ("1", "true", "yes", "on") or cafile or certfile:
         try:
-            context = client_context(environ.get("PTTH_CAFILE"), environ.get("PTTH_CERTFILE"),
-                                     environ.get("PTTH_KEYFILE"))
-        except (OSError, ssl.SSLError) as exc:
-            msg = f"PTTH_TLS: cannot load the certificates: {exc}"
-            raise ValueError(msg) from None
+            context = client_context(cafile, certfile, keyfile,
+                                     options=("PTTH_CAFILE", "PTTH_CERTFILE", "PTTH_KEYFILE"))
+        except (TLSConfigError, OSError, ssl.SSLError) as exc:
+            raise ValueError(str(exc)) from None
     return token, context
 
 
@@ -283,8 +290,7 @@ class TunnelWorker(ThreadedWorker):
             if not self.is_parent_alive():
                 break
             if self.backend.refused is not None:
-                # A refusal is final: a boot error makes gunicorn stop with its reason.
-                self.log.error("%s", self.backend.refused)
+                # Final, and logged on one line by the backend: a boot error makes gunicorn stop.
                 sys.exit(Arbiter.WORKER_BOOT_ERROR)
             readable, _, _ = select.select(watched, [], [], self._interval())
             for ready in readable:

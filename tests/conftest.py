@@ -126,9 +126,9 @@ class RouterProcess(Process):
 
     def __init__(self, *extra: str, tunnels: str = "127.0.0.1:0", http: str = "127.0.0.1:0") -> None:
         super().__init__([PYTHON, "-m", "ptth_sync.router", "--tunnels", tunnels, "--http", http, *extra])
-        self.tunnel_address = self.wait_for_line(r"Listening for reverse tunnels on tcp://(\S+)").group(1)
-        http_address = self.wait_for_line(r"Listening for HTTP traffic on http://(\S+)").group(1)
-        self.url = f"http://{http_address}"
+        self.tunnel_address = self.wait_for_line(r"Listening for reverse tunnels on t(?:cp|ls)://(\S+)").group(1)
+        scheme, http_address = self.wait_for_line(r"Listening for HTTP traffic on (https?)://(\S+)").groups()
+        self.url = f"{scheme}://{http_address}"
         host, _, port = self.tunnel_address.rpartition(":")
         self.tunnel_host, self.tunnel_port = host, int(port)
         http_host, _, http_port = http_address.rpartition(":")

@@ -11,7 +11,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
 from ..addresses import Address, AddressLike, format_address, parse_addresses
 from ..cli import (
@@ -24,7 +24,7 @@ from ..cli import (
     check_tunnels,
 )
 from ..connection import Connection, ConnectionSettings, Stream
-from ..handshake import HandshakeFailed, HandshakeRefused, dial_upgrade
+from ..handshake import HandshakeFailed, HandshakeRefused, dial_upgrade, goaway_refusal, wrong_answer_refusal
 from ..origins import ANY, normalize_origin
 from ..tls import TLSChannel
 from .pool import ThreadPool
@@ -48,7 +48,7 @@ def resolve_addresses(host: str, port: int) -> List[str]:
     found: List[str] = []
     for _family, _type, _proto, _name, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         if sockaddr[0] not in found:
-            found.append(sockaddr[0])
+            found.append(cast(str, sockaddr[0]))
     return found
 
 
@@ -87,8 +87,12 @@ class Backend:
     beyond ``backoff_max`` seconds (default 5), and starts again from
     ``backoff_initial`` once a tunnel was established (the router's SETTINGS
     received). A router that restarts has its tunnels back within
-    ``backoff_max`` seconds of listening again. A refusal (bad token, origin
-    not allowed) is not retried: :attr:`refused` is set and the backend stops.
+    ``backoff_max`` seconds of listening again. What no redial can change is
+    not retried: a refusal (bad token, origin not allowed, a token or TLS
+    required, a client certificate missing or rejected), TLS on one side
+    only, a peer that answers in HTTP/1.1 (an HTTP port, not a tunnel
+    listener). :attr:`refused` is then set, one line logged, and the backend
+    stops.
 
     Concurrency: ``threads`` pool threads run the requests of every tunnel,
     taking them in arrival order. On the PTTH upgrade wire (a ``token`` or
@@ -168,7 +172,7 @@ class Backend:
         self.token = token or None
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
-        #: Set when a router refused us (bad token): the backend stops, never retries.
+        #: Set when dialling cannot succeed as configured (a refused token, say): the backend stops.
         self.refused: Optional[HandshakeRefused] = None
         self._refused_event = threading.Event()
         self.request_handler = request_handler or self._handle_request
@@ -184,6 +188,9 @@ class Backend:
             # A Go http2.Transport (the seed's router) sends its preface only with
             # its first request, which may come any time: no deadline for it.
             settings_timeout=0,
+            # Our SETTINGS alone leave an HTTP/1.1 server (the router's HTTP port) waiting for a request
+            # head: the probe makes it answer at once, and the answer tells the backend where it is.
+            http1_probe=True,
         )
         self._pool = ThreadPool(threads)
         self._stopping = threading.Event()
@@ -203,8 +210,9 @@ class Backend:
         self._started = True
         self._pool.start()
         names = []
+        scheme = "tcp" if self.ssl_context is None else "tls"
         for address in self.addresses:
-            log.info("Dialing tcp://%s and serving HTTP/2 traffic", format_address(address))
+            log.info("Dialing %s://%s and serving HTTP/2 traffic", scheme, format_address(address))
             if _is_ip(address[0]):
                 self._start_dialers(address, None)
             else:
@@ -217,7 +225,7 @@ class Backend:
 
     def _start_dialers(self, address: Address, ip: Optional[str]) -> List[_Route]:
         """``tunnels`` dialers per origin to one router."""
-        routes = [_Route(address, ip, origin) for origin in (self.origins or [None])]
+        routes = [_Route(address, ip, origin) for origin in cast(List[Optional[str]], self.origins or [None])]
         with self._lock:
             if self._stopping.is_set():
                 return []
@@ -339,20 +347,23 @@ class Backend:
             try:
                 sock, initial_data = self._dial(route)
             except HandshakeRefused as exc:
-                log.error("Router at %s refused the tunnel: %s %s", name, exc.status, exc.reason)
-                self.refused = exc
-                self._stopping.set()
-                self._refused_event.set()
+                self._refuse(name, exc)
                 return
             except (OSError, HandshakeFailed) as exc:
                 delay, attempt = self._backoff(attempt), attempt + 1
-                log.warning("Connecting to %s failed: %s; retrying in %.1fs (attempt %d)", name, exc, delay, attempt)
+                log.warning("Connecting to %s failed: %s; retrying in %.1fs (attempt %d)", name, _describe(exc),
+                            delay, attempt)
                 self._stopping.wait(delay)
                 continue
             outcome = self._serve(route, sock, initial_data)
-            if outcome is None or self._stopping.is_set() or route.retired.is_set():
+            if outcome is None:
                 return
-            established, reason = outcome
+            established, reason, refusal = outcome
+            if refusal is not None:
+                self._refuse(name, refusal)
+                return
+            if self._stopping.is_set() or route.retired.is_set():
+                return
             if established:
                 attempt = 0  # it served: the next failure starts the backoff again
             delay, attempt = self._backoff(attempt), attempt + 1
@@ -360,11 +371,25 @@ class Backend:
                         "" if established else f" (attempt {attempt})")
             self._stopping.wait(delay)
 
-    def _serve(self, route: _Route, sock: Any, initial_data: bytes) -> Optional[Tuple[bool, str]]:
+    def _refuse(self, name: str, refusal: HandshakeRefused) -> None:
+        """Stop the backend for good: a router said no, or cannot be a tunnel listener as configured."""
+        refusal.router = name
+        with self._lock:
+            first = self.refused is None
+            if first:
+                self.refused = refusal
+        if first:
+            log.error("%s", refusal)
+        self._stopping.set()
+        self._refused_event.set()
+
+    def _serve(self, route: _Route, sock: Any, initial_data: bytes
+               ) -> Optional[Tuple[bool, str, Optional[HandshakeRefused]]]:
         """Run one tunnel until it closes; None when the backend began stopping first.
 
         Returns whether the tunnel was established (the router's SETTINGS
-        arrived) and why it closed.
+        arrived), why it closed, and the refusal its closing shows, if any (a
+        GOAWAY refusing the plain wire, an HTTP/1.1 answer, a TLS alert).
         """
         settings = self.settings if self._upgrades(route) else self.plain_settings
         connection = Connection(
@@ -387,15 +412,15 @@ class Backend:
         connection.wait_closed()
         with self._lock:
             self._connections.pop(id(connection), None)
-        return established, connection.close_reason or "closed"
+        return established, connection.close_reason or "closed", _refusal(connection, sock, established)
 
     def _dial(self, route: _Route) -> Tuple[Any, bytes]:
         """Connect, wrap in TLS and upgrade as configured; the socket and bytes already read."""
         host, port = route.address
         sock = socket.create_connection((route.ip or host, port), timeout=self.connect_timeout)
+        channel: Any = sock
         try:
             sock.settimeout(None)
-            channel: Any = sock
             if self.ssl_context is not None:
                 channel = TLSChannel(sock, self.ssl_context, server_side=False, server_hostname=host)
                 channel.do_handshake(self.connect_timeout)
@@ -403,6 +428,12 @@ class Backend:
             if self._upgrades(route):
                 initial_data = dial_upgrade(channel, format_address(route.address), self.token,
                                             route.origin or ANY, timeout=self.connect_timeout)
+        except (OSError, HandshakeFailed) as exc:
+            sock.close()
+            refusal = channel.refusal(exc) if isinstance(channel, TLSChannel) else None
+            if refusal is not None:
+                raise refusal from exc
+            raise
         except BaseException:
             sock.close()
             raise
@@ -418,7 +449,7 @@ class Backend:
 
     def _backoff(self, attempt: int) -> float:
         """Capped exponential backoff with equal jitter."""
-        ceiling = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
+        ceiling: float = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def _on_request(self, stream: Stream) -> None:
@@ -451,10 +482,13 @@ def serve_wsgi(
 
     Called from the main thread, it returns after SIGTERM (requests in flight
     finish, for at most ``graceful_timeout`` seconds) or SIGINT (at once).
-    Raises :class:`~ptth_sync.handshake.HandshakeRefused` when a router
-    refuses the ``token``, ValueError for a count over its limit
-    (``threads``, ``tunnels``, routers: see :mod:`ptth_sync.cli`); every
-    other failure is retried with backoff.
+    Raises :class:`~ptth_sync.handshake.HandshakeRefused` when dialling
+    cannot succeed as configured (a router refuses the ``token`` or the
+    origin, wants a token or TLS, or a client certificate; TLS on one side
+    only; an HTTP port dialled instead of a tunnel listener), after logging
+    it on one line; ValueError for a count over its limit (``threads``,
+    ``tunnels``, routers: see :mod:`ptth_sync.cli`). Every other failure (a
+    router down or restarting) is retried with backoff.
     """
     backend = Backend(addr, app, threads=threads, tunnels=tunnels, token=token, ssl_context=ssl_context,
                       origins=origins, backoff_max=backoff_max, **options)
@@ -488,6 +522,28 @@ def serve_wsgi(
             signal.signal(signum, handler)
     if backend.refused is not None:
         raise backend.refused
+
+
+def _refusal(connection: Connection, sock: Any, established: bool) -> Optional[HandshakeRefused]:
+    """The refusal a closed tunnel's last words show: a GOAWAY, a TLS alert, an HTTP/1.1 answer; else None."""
+    if connection.goaway_received is not None:
+        refusal = goaway_refusal(*connection.goaway_received)
+        if refusal is not None:
+            return refusal
+    if isinstance(sock, TLSChannel):
+        refusal = sock.refusal()
+        if refusal is not None:
+            return refusal
+    if established:
+        return None
+    return wrong_answer_refusal(connection.first_bytes, tls=isinstance(sock, TLSChannel))
+
+
+def _describe(exc: BaseException) -> str:
+    """A failed dial, for the retry line: with the fix when the router's certificate is not trusted."""
+    if getattr(exc, "reason", None) == "CERTIFICATE_VERIFY_FAILED":
+        return f"{exc} (--cafile FILE trusts a private CA)"
+    return str(exc)
 
 
 def _check(name: str, check: Callable[[Any], Any], value: Any) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import ssl
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from gunicorn.errors import AppImportError
 from gunicorn.util import import_app
@@ -28,7 +29,7 @@ from ..cli import (
 )
 from ..handshake import HandshakeRefused
 from ..origins import normalize_origin
-from ..tls import client_context
+from ..tls import TLSConfigError, client_context
 from . import serve_wsgi
 
 log = logging.getLogger("ptth_sync.backend")
@@ -68,38 +69,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class AppLoadError(ValueError):
+    """``MODULE:APP`` names no WSGI application; the message says why on one line."""
+
+
+def load_app(spec: str) -> Any:
+    """gunicorn's ``import_app``, with one-line errors (:class:`AppLoadError`) for what the spec gets wrong.
+
+    Anything else the application's own code raises while it is imported or
+    made (by a factory) propagates: its traceback is the useful part.
+    """
+    try:
+        return import_app(spec)
+    except (AppImportError, ImportError) as exc:
+        msg = f"Cannot load {spec}: {exc}"
+        raise AppLoadError(msg) from None
+    except Exception:
+        module, _, expression = spec.partition(":")
+        name = expression.split("(", 1)[0].strip()
+        if "(" in expression and name.isidentifier():
+            try:
+                target = import_app(f"{module}:{name}")
+            except Exception:
+                target = None
+            if target is not None and not inspect.isroutine(target) and not inspect.isclass(target):
+                msg = (f"Cannot load {spec}: {name} is the WSGI application itself, not a factory to call: "
+                       f"give {module}:{name}")
+                raise AppLoadError(msg) from None
+        raise
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     token = read_token(parser, args)
     configure_logging(args.log_level)
+    if args.keyfile and not args.certfile:
+        parser.error("argument --keyfile: needs --certfile (the client certificate the key belongs to)")
     context = None
     if args.tls or args.cafile or args.certfile:
         try:
             context = client_context(args.cafile, args.certfile, args.keyfile)
-        except (OSError, ssl.SSLError) as exc:
-            parser.error(f"cannot load the TLS certificates: {exc}")
+        except (TLSConfigError, OSError, ssl.SSLError) as exc:
+            parser.error(str(exc))
     try:
         addresses = parse_addresses(args.connect)
-        origins = [normalize_origin(o) for text in args.origin for o in text.split(",") if o.strip()]
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
         check_routers(len(addresses))
     except ValueError as exc:
         parser.error(f"argument --connect: {exc}")
+    try:
+        origins = [normalize_origin(o) for text in args.origin for o in text.split(",") if o.strip()]
+    except ValueError as exc:
+        parser.error(f"argument --origin: {exc}")
     if "" not in sys.path:
         sys.path.insert(0, "")
     try:
-        app = import_app(args.app)
-    except (AppImportError, ImportError) as exc:
-        log.error("Cannot load %s: %s", args.app, exc)
+        app = load_app(args.app)
+    except AppLoadError as exc:
+        log.error("%s", exc)
+        return 1
+    except Exception:
+        log.exception("Cannot load %s: the application raised while it was imported or made", args.app)
         return 1
     try:
         serve_wsgi(addresses, app, threads=args.threads, tunnels=args.tunnels, token=token, ssl_context=context,
                    graceful_timeout=args.graceful_timeout, origins=origins, resolve_interval=args.resolve_interval,
                    ping_interval=args.ping_interval, ping_timeout=args.ping_timeout, backoff_max=args.max_backoff)
     except HandshakeRefused:
-        return 1  # the reason is logged already, on one line
+        return 1  # the reason and the fix are logged already, on one line
     return 0
 

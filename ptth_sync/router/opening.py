@@ -8,6 +8,12 @@ threads of a :class:`~ptth_sync.connection.Connection`. A peer silent for
 plain-wire backend may wait for it) and still holds no thread until it
 answers. Every opening has a deadline (``handshake_timeout``).
 
+A peer refused here (the plain wire where a token is required, or a TLS
+ClientHello on this plain listener) is told why in HTTP/2 (the client
+preface and a GOAWAY whose debug data names the fix), and stays a moment
+longer, read and discarded, so that closing does not reset the connection
+before it has read that.
+
 At most ``max_pending`` connections wait at once: past that, the one that has
 waited longest is closed, with a log line at most once a second. A real
 backend says what it is within milliseconds, so a flood of silent or slow
@@ -23,8 +29,19 @@ import socket
 import time
 from typing import TYPE_CHECKING, Dict, Optional
 
+from h2.errors import ErrorCodes
+
 from ..connection import Connection
-from ..handshake import MAX_HEAD, HandshakeFailed, HandshakeRefused, accept_upgrade
+from ..handshake import (
+    MAX_HEAD,
+    PLAIN_WIRE_REFUSED,
+    TOKEN_REQUIRED,
+    HandshakeFailed,
+    HandshakeRefused,
+    accept_upgrade,
+    looks_like_tls,
+    refusal_preface,
+)
 from ..origins import ANY
 
 if TYPE_CHECKING:
@@ -36,10 +53,16 @@ log = logging.getLogger("ptth_sync.router")
 
 #: Seconds of silence after which a peer is taken for a plain-wire backend waiting for our preface.
 FIRST_BYTES_WAIT = 1.0
+#: Seconds a refused peer has to read why before its connection is closed.
+REFUSAL_LINGER = 1.0
+
+#: Why a TLS client is refused by this plain listener (logged, and sent in the GOAWAY).
+TLS_ON_PLAIN = ("it began a TLS handshake, and this tunnel listener is plain: start the backend without --tls, "
+                "or give the router --certfile and --keyfile")
 
 
 class _Pending:
-    __slots__ = ("accepted_at", "connection", "peer", "received", "sock")
+    __slots__ = ("accepted_at", "closing_until", "connection", "peer", "received", "sock")
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
@@ -48,6 +71,8 @@ class _Pending:
         self.received = b""
         #: Set once a silent peer was sent our preface: the connection waiting for its SETTINGS.
         self.connection: Optional[Connection] = None
+        #: Set once the peer was refused and told why: when its connection is closed at the latest.
+        self.closing_until: Optional[float] = None
 
 
 class PendingTunnels:
@@ -90,6 +115,8 @@ class PendingTunnels:
         return max(int((due - now) * 1000) + 1, 0)
 
     def _due(self, pending: _Pending) -> float:
+        if pending.closing_until is not None:
+            return pending.closing_until
         timeout = self._router.handshake_timeout
         if pending.connection is None and not pending.received:
             return pending.accepted_at + min(FIRST_BYTES_WAIT, timeout)
@@ -104,7 +131,11 @@ class PendingTunnels:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._fail(pending, f"read failed: {exc}", "network")
+            self._fail(pending, None if pending.closing_until is not None else f"read failed: {exc}", "network")
+            return
+        if pending.closing_until is not None:  # refused: discard what it sends until it closes
+            if not data:
+                self._fail(pending, None)
             return
         if not data:
             self._fail(pending, "peer closed the connection before its opening", "network")
@@ -116,7 +147,11 @@ class PendingTunnels:
             return
         pending.received += data
         received = pending.received
-        if received[: min(len(received), 4)] != b"GET "[: min(len(received), 4)]:
+        if received == b"\x16":
+            return  # perhaps a TLS record: its next byte tells
+        if looks_like_tls(received):
+            self._refuse(pending, TLS_ON_PLAIN, refusal_preface(TLS_ON_PLAIN, ErrorCodes.PROTOCOL_ERROR), "tls")
+        elif received[: min(len(received), 4)] != b"GET "[: min(len(received), 4)]:
             self._plain_wire(pending)  # the backend's SETTINGS: the plain wire
         elif b"\r\n\r\n" in received or len(received) > MAX_HEAD:
             self._upgrade(pending)
@@ -127,7 +162,9 @@ class PendingTunnels:
         for pending in list(self._pending.values()):
             if self._due(pending) > now:
                 continue
-            if pending.connection is None and not pending.received:
+            if pending.closing_until is not None:
+                self._fail(pending, None)
+            elif pending.connection is None and not pending.received:
                 self._greet(pending)
             elif pending.connection is not None:
                 waited = self._due(pending) - pending.accepted_at
@@ -144,13 +181,10 @@ class PendingTunnels:
 
     def _plain_wire(self, pending: _Pending) -> None:
         router = self._router
-        self._forget(pending)
         if router.access.required:
-            log.warning("Tunnel from %s refused: %s", pending.peer,
-                        "plain-wire tunnel refused: this router requires the token handshake")
-            router.metrics.opening_failed("unauthorized")
-            self._close(pending)
+            self._refuse(pending, PLAIN_WIRE_REFUSED, refusal_preface(TOKEN_REQUIRED), "unauthorized")
             return
+        self._forget(pending)
         pending.sock.setblocking(True)
         router.start_tunnel(pending.sock, pending.received, ANY)
 
@@ -179,11 +213,7 @@ class PendingTunnels:
     def _greet(self, pending: _Pending) -> None:
         """A silent peer: send our preface, and keep waiting (without threads) for its SETTINGS."""
         if self._router.access.required:
-            self._forget(pending)
-            log.warning("Tunnel from %s refused: %s", pending.peer,
-                        "plain-wire tunnel refused: this router requires the token handshake")
-            self._router.metrics.opening_failed("unauthorized")
-            self._close(pending)
+            self._refuse(pending, PLAIN_WIRE_REFUSED, refusal_preface(TOKEN_REQUIRED), "unauthorized")
             return
         connection = self._router.start_tunnel(pending.sock, b"", ANY, start=False)
         if connection is None:
@@ -192,6 +222,18 @@ class PendingTunnels:
         pending.connection = connection
         connection.prepare()
         connection.send_prepared()
+
+    def _refuse(self, pending: _Pending, reason: str, answer: bytes, category: str) -> None:
+        """Log why, tell the peer (``answer``), and close once it has read that or :data:`REFUSAL_LINGER` passed."""
+        log.warning("Tunnel from %s refused: %s", pending.peer, reason)
+        self._router.metrics.opening_failed(category)
+        try:
+            pending.sock.send(answer)  # a few hundred bytes: an empty send buffer takes them at once
+            pending.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._fail(pending, None)
+            return
+        pending.closing_until = time.monotonic() + REFUSAL_LINGER
 
     def _fail(self, pending: _Pending, reason: Optional[str], category: str = "timeout") -> None:
         """Drop an opening; ``reason`` None: shed (logged in bulk) or the router closed."""

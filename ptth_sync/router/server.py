@@ -33,7 +33,7 @@ from ..cli import (
     worker_count,
 )
 from ..connection import ConnectionSettings
-from ..tls import server_context
+from ..tls import TLSConfigError, load_chain, server_context
 from .admin import SharedMetrics, is_loopback
 from .app import Router
 from .fleet import WorkerFleet
@@ -41,6 +41,9 @@ from .limits import raise_open_file_limit
 from .worker import RouterWorker
 
 log = logging.getLogger("ptth_sync.router")
+
+#: The HTTP listener's backlog (gunicorn's default).
+HTTP_BACKLOG = 2048
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,9 +124,10 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
 
     @staticmethod
     def _when_ready(server: Any) -> None:
+        scheme = "https" if server.cfg.is_ssl else "http"
         for listener in server.LISTENERS:
             address = listener.sock.getsockname()[:2]
-            log.info("Listening for HTTP traffic on http://%s", format_address(address))
+            log.info("Listening for HTTP traffic on %s://%s", scheme, format_address(address))
 
     def _post_worker_init(self, worker: Any) -> None:
         # Threads do not survive fork: accept tunnels only in the worker.
@@ -168,22 +172,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     token = read_token(parser, args)
     configure_logging(args.log_level)
-    try:
-        http_address = parse_address(args.http)
-        tunnel_address = parse_address(args.tunnels)
-        admin_address = parse_address(args.admin) if args.admin else None
-    except ValueError as exc:
-        parser.error(str(exc))
+    addresses = {}
+    for option, text in (("--http", args.http), ("--tunnels", args.tunnels), ("--admin", args.admin)):
+        try:
+            addresses[option] = parse_address(text) if text else None
+        except ValueError as exc:
+            parser.error(f"argument {option}: {exc}")
+    http_address, tunnel_address, admin_address = addresses["--http"], addresses["--tunnels"], addresses["--admin"]
     if args.ca_certs and not args.certfile:
-        parser.error("--ca-certs needs --certfile: mutual TLS is TLS")
+        parser.error("argument --ca-certs: needs --certfile: mutual TLS is TLS")
+    if args.keyfile and not args.certfile:
+        parser.error("argument --keyfile: needs --certfile (the tunnel certificate the key belongs to)")
     if bool(args.http_certfile) != bool(args.http_keyfile):
         parser.error("--http-certfile and --http-keyfile go together")
     tunnel_tls = None
-    if args.certfile:
-        try:
+    try:
+        if args.certfile:
             tunnel_tls = server_context(args.certfile, args.keyfile, args.ca_certs)
-        except (OSError, ssl.SSLError) as exc:
-            parser.error(f"cannot load the tunnel certificate: {exc}")
+        if args.http_certfile:  # loaded by each worker; checked here, so that a bad file stops the start
+            load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), args.http_certfile, args.http_keyfile,
+                       options=("--http-certfile", "--http-keyfile"))
+    except (TLSConfigError, OSError, ssl.SSLError) as exc:
+        parser.error(str(exc))
     tokens = None
     if args.tokens_file:
         try:
@@ -196,31 +206,41 @@ def main(argv: Optional[List[str]] = None) -> int:
                     max_body_size=args.max_body_size, token=token, ssl_context=tunnel_tls, tokens=tokens)
     if args.workers > 1:
         router.fleet = WorkerFleet(slots=2 * args.workers)  # before the fork: shared
-    try:
-        listener = Router.bind_tunnels(tunnel_address)
-    except OSError as exc:
-        log.error("Cannot listen for tunnels on %s: %s", format_address(tunnel_address), exc)
-        return 1
-    log.info("Listening for reverse tunnels on tcp://%s", format_address(listener.getsockname()[:2]))
+    # Every listener is bound before anything says "Listening": one in use stops the start at once.
+    bound = []
+    for what, option, address, bind in (
+        ("tunnels", "--tunnels", tunnel_address, Router.bind_tunnels),
+        ("HTTP traffic", "--http", http_address, lambda a: Router.bind_tunnels(a, backlog=HTTP_BACKLOG)),
+        ("the admin endpoints", "--admin", admin_address, Router.bind_admin),
+    ):
+        if address is None:
+            bound.append(None)
+            continue
+        try:
+            bound.append(bind(address))
+        except OSError as exc:
+            log.error("Cannot listen for %s on %s: %s: stop what holds it, or give %s another address",
+                      what, format_address(address), exc.strerror or exc, option)
+            for sock in bound:
+                if sock is not None:
+                    sock.close()
+            return 1
+    listener, http_listener, admin_listener = bound
+    log.info("Listening for reverse tunnels on %s://%s", "tcp" if tunnel_tls is None else "tls",
+             format_address(listener.getsockname()[:2]))
     if not router.access.required and tunnel_tls is None and not is_loopback(tunnel_address[0]):
         log.warning("The tunnel listener on %s is reachable beyond this host with neither --token nor "
                     "TLS: anyone who can connect can register as a backend and receive your traffic",
                     format_address(tunnel_address))
-    admin_listener = None
-    if admin_address is not None:
-        try:
-            admin_listener = Router.bind_admin(admin_address)
-        except OSError as exc:
-            log.error("Cannot listen for the admin endpoints on %s: %s", format_address(admin_address), exc)
-            listener.close()
-            return 1
+    if admin_listener is not None:
         log.info("Admin listening on http://%s", format_address(admin_listener.getsockname()[:2]))
         if not is_loopback(admin_address[0]):
             log.warning("The admin listener on %s is reachable beyond this host: it shows every tunnel's "
                         "address and the router's traffic to anyone who connects", format_address(admin_address))
         router.shared_metrics = SharedMetrics.create()  # before the fork: every worker answers for all
     options = {
-        "bind": [format_address(http_address)],
+        # gunicorn takes over the listener bound above (and closes this descriptor once it has its own).
+        "bind": [f"fd://{http_listener.detach()}"],
         "workers": args.workers,
         "worker_class": type("RouterWorker", (RouterWorker,), {"header_timeout": args.header_timeout}),
         "threads": args.threads,

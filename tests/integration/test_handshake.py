@@ -8,11 +8,20 @@ import threading
 from typing import List
 
 import pytest
+from h2.errors import ErrorCodes
 
 from ptth_sync import Router
 from ptth_sync.addresses import format_address
 from ptth_sync.connection import Connection, Stream
-from ptth_sync.handshake import HandshakeFailed, HandshakeRefused, dial_upgrade
+from ptth_sync.handshake import (
+    TLS_REQUIRED,
+    TOKEN_REQUIRED,
+    HandshakeFailed,
+    HandshakeRefused,
+    dial_upgrade,
+    goaway_refusal,
+    plaintext_answer,
+)
 from tests.conftest import wait_until
 from tests.wsgi_client import wsgi_request
 
@@ -73,7 +82,7 @@ def test_a_wrong_or_missing_token_is_refused_with_401_and_logged_without_the_tok
     assert not token or token not in caplog.text
 
 
-def test_a_token_router_refuses_the_plain_wire(token_router, connections, caplog):
+def test_a_token_router_refuses_the_plain_wire_with_a_goaway_that_says_why(token_router, connections, caplog):
     sock = socket.create_connection(token_router.tunnel_address, timeout=5)
     plain = Connection(sock, client_side=False, on_request=answer)
     plain.start()  # the seed's wire: HTTP/2 SETTINGS straight away
@@ -81,6 +90,10 @@ def test_a_token_router_refuses_the_plain_wire(token_router, connections, caplog
     assert plain.wait_closed(5)
     assert "plain-wire tunnel refused" in caplog.text
     assert len(token_router.pool) == 0
+    assert plain.goaway_received == (ErrorCodes.INADEQUATE_SECURITY, TOKEN_REQUIRED.encode())
+    refusal = goaway_refusal(*plain.goaway_received)
+    assert refusal is not None
+    assert refusal.detail == TOKEN_REQUIRED
 
 
 def test_a_router_without_a_token_accepts_both_the_upgrade_and_the_plain_wire(router, connections):
@@ -108,14 +121,57 @@ def test_an_upgrade_to_a_foreign_path_gets_404(token_router):
         assert sock.recv(1024).startswith(b"HTTP/1.1 404")
 
 
-def test_a_backend_refused_by_a_router_that_is_not_ptth_fails_cleanly():
+def answered(answer: bytes) -> Exception:
+    """What the backend's upgrade raises when a peer answers it with ``answer`` and closes."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         client = socket.create_connection(listener.getsockname(), timeout=5)
         server, _ = listener.accept()
-        server.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        with pytest.raises(HandshakeFailed, match="answered the upgrade with 200"):
+        server.sendall(answer)
+        server.shutdown(socket.SHUT_WR)
+        try:
             dial_upgrade(client, "x:1", TOKEN)
-        client.close()
-        server.close()
+        except (HandshakeRefused, HandshakeFailed) as exc:
+            return exc
+        finally:
+            client.close()
+            server.close()
+    pytest.fail("the upgrade succeeded")
+
+
+@pytest.mark.parametrize(("answer", "status"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 200),
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 404),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", 101),
+])
+def test_an_answer_no_tunnel_listener_gives_is_not_retried(answer, status):
+    refusal = answered(answer)
+    assert isinstance(refusal, HandshakeRefused)
+    assert refusal.status == status
+    assert "an HTTP server answered, not a tunnel listener" in str(refusal)
+
+
+@pytest.mark.parametrize("status", [502, 503, 504, 429, 408])
+def test_an_answer_that_means_try_later_is_retried(status):
+    failure = answered(f"HTTP/1.1 {status} Later\r\nContent-Length: 0\r\n\r\n".encode())
+    assert isinstance(failure, HandshakeFailed)
+    assert f"answered the upgrade with {status} Later" in str(failure)
+
+
+def test_426_with_upgrade_tls_says_the_router_requires_tls():
+    refusal = answered(plaintext_answer(b"GET /.well-known/ptth/*/ HTTP/1.1\r\n")[0])
+    assert isinstance(refusal, HandshakeRefused)
+    assert refusal.status == 426
+    assert refusal.fix == TLS_REQUIRED
+
+
+def test_a_tls_alert_where_the_upgrade_answer_belongs_says_the_router_speaks_tls():
+    refusal = answered(b"\x15\x03\x01\x00\x02\x02\x46")  # a fatal protocol_version alert
+    assert isinstance(refusal, HandshakeRefused)
+    assert "it answered in TLS; start the backend with --tls" in str(refusal)
+
+
+def test_a_router_that_closes_during_the_upgrade_is_retried():
+    failure = answered(b"")
+    assert isinstance(failure, HandshakeFailed)

@@ -10,13 +10,14 @@ import threading
 from typing import List
 
 import pytest
+from h2.errors import ErrorCodes
 
 trustme = pytest.importorskip("trustme")
 
 from ptth_sync import Router  # noqa: E402
 from ptth_sync.addresses import format_address  # noqa: E402
 from ptth_sync.connection import Connection, Stream  # noqa: E402
-from ptth_sync.handshake import dial_upgrade  # noqa: E402
+from ptth_sync.handshake import TLS_REQUIRED, TOKEN_REQUIRED, dial_upgrade  # noqa: E402
 from ptth_sync.tls import TLSChannel, client_context, server_context  # noqa: E402
 from tests.conftest import wait_until  # noqa: E402
 from tests.wsgi_client import wsgi_request  # noqa: E402
@@ -147,16 +148,71 @@ def test_mutual_tls_refuses_a_backend_without_a_client_certificate(pem_files, op
     router = make_router(pem_files, mutual=True)
     opened[1].append(router)
     context = client_context(cafile=str(pem_files["ca"]))
+    sock = socket.create_connection(router.tunnel_address, timeout=5)
+    channel = TLSChannel(sock, context, server_side=False, server_hostname="localhost")
     try:
-        channel = dial(router, context, opened)
-    except (ssl.SSLError, OSError):
-        pass  # TLS 1.2 fails in the handshake
+        channel.do_handshake(5)
+    except (ssl.SSLError, OSError) as exc:
+        refusal = channel.refusal(exc)  # TLS 1.2 fails in the handshake
     else:
-        # TLS 1.3: the client finishes first; the router's refusal ends the connection.
-        wait_until(lambda: not opened[0][-1].alive, what="the refused connection to close")
-        assert channel is not None
-    wait_until(lambda: "failed the TLS handshake" in caplog.text, what="the refusal in the router's log")
+        # TLS 1.3: the client finishes first; the router's alert (sent before it closes) ends the session.
+        connection = Connection(channel, client_side=False, on_request=answer)  # type: ignore[arg-type]
+        connection.start()
+        opened[0].append(connection)
+        assert connection.wait_closed(5)
+        refusal = channel.refusal()
+    assert refusal is not None, "the backend was not told why"
+    assert "client certificate" in refusal.reason
+    assert "--certfile and --keyfile" in refusal.fix
+    wait_until(lambda: "failed the TLS handshake: the backend presented no client certificate" in caplog.text,
+               what="the refusal in the router's log")
     assert len(router.pool) == 0
+
+
+def test_a_plain_wire_peer_of_a_tls_listener_is_told_in_a_goaway_to_use_tls(pem_files, opened, caplog):
+    caplog.set_level(logging.INFO, logger="ptth_sync.router")
+    router = make_router(pem_files)
+    opened[1].append(router)
+    sock = socket.create_connection(router.tunnel_address, timeout=5)
+    plain = Connection(sock, client_side=False, on_request=answer)
+    plain.start()
+    opened[0].append(plain)
+    assert plain.wait_closed(5)
+    assert plain.goaway_received == (ErrorCodes.INADEQUATE_SECURITY, TLS_REQUIRED.encode())
+    logged = "failed the TLS handshake: it dialled without TLS, and this listener requires TLS"
+    wait_until(lambda: logged in caplog.text, what="the refusal in the router's log")
+    assert len(router.pool) == 0
+
+
+def test_an_http1_request_to_a_tls_listener_gets_426_upgrade_tls(pem_files, opened):
+    router = make_router(pem_files)
+    opened[1].append(router)
+    with socket.create_connection(router.tunnel_address, timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer_bytes = b""
+        while chunk := sock.recv(4096):
+            answer_bytes += chunk
+    assert answer_bytes.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b"\r\nUpgrade: TLS/1.2, HTTP/1.1\r\n" in answer_bytes
+
+
+def test_a_tls_client_of_a_plain_listener_learns_it_is_plain(opened, pem_files, caplog):
+    caplog.set_level(logging.INFO, logger="ptth_sync.router")
+    router = Router(timeout=5)
+    router.tunnel_address = router.listen_tunnels("127.0.0.1:0")
+    opened[1].append(router)
+    sock = socket.create_connection(router.tunnel_address, timeout=5)
+    channel = TLSChannel(sock, client_context(cafile=str(pem_files["ca"])), server_side=False,
+                         server_hostname="localhost")
+    with pytest.raises((ssl.SSLError, OSError)) as info:
+        channel.do_handshake(5)
+    sock.close()
+    refusal = channel.refusal(info.value)
+    assert refusal is not None
+    assert "does not speak TLS" in refusal.reason
+    assert refusal.fix.startswith("drop --tls")
+    wait_until(lambda: "refused: it began a TLS handshake, and this tunnel listener is plain" in caplog.text,
+               what="the refusal in the router's log")
 
 
 def test_mutual_tls_admits_a_backend_with_a_client_certificate_and_a_token(pem_files, opened):
@@ -198,3 +254,53 @@ def test_a_peer_that_stops_mid_tls_record_is_dropped_by_the_timers(pem_files, op
     finally:
         sock.close()
     assert len(router.pool) == 0
+
+
+def test_a_client_certificate_from_another_ca_is_refused_and_both_sides_say_why(pem_files, opened, caplog,
+                                                                                 tmp_path):
+    caplog.set_level(logging.INFO, logger="ptth_sync.router")
+    router = make_router(pem_files, mutual=True)
+    opened[1].append(router)
+    stranger = tmp_path / "stranger.pem"
+    trustme.CA().issue_cert("backend-2.example").private_key_and_cert_chain_pem.write_to_path(stranger)
+    sock = socket.create_connection(router.tunnel_address, timeout=5)
+    channel = TLSChannel(sock, client_context(cafile=str(pem_files["ca"]), certfile=str(stranger)),
+                         server_side=False, server_hostname="localhost")
+    try:
+        channel.do_handshake(5)
+    except (ssl.SSLError, OSError) as exc:
+        refusal = channel.refusal(exc)
+    else:
+        connection = Connection(channel, client_side=False, on_request=answer)  # type: ignore[arg-type]
+        connection.start()
+        opened[0].append(connection)
+        assert connection.wait_closed(5)
+        refusal = channel.refusal()
+    assert refusal is not None, "the backend was not told why"
+    assert refusal.reason == "it does not trust the client certificate's CA"
+    wait_until(lambda: "failed the TLS handshake: the backend's client certificate is not trusted (" in caplog.text,
+               what="the refusal in the router's log")
+    assert "issue it from a CA in the router's --ca-certs" in caplog.text
+
+
+def test_a_tls_token_router_tells_a_plain_wire_backend_in_a_goaway_that_it_wants_a_token(pem_files, opened):
+    router = make_router(pem_files, token="t0k")
+    opened[1].append(router)
+    dial(router, client_context(cafile=str(pem_files["ca"])), opened)
+    connection = opened[0][-1]
+    assert connection.wait_closed(5)
+    assert connection.goaway_received == (ErrorCodes.INADEQUATE_SECURITY, TOKEN_REQUIRED.encode())
+    assert len(router.pool) == 0
+
+
+def test_a_server_silent_through_the_tls_handshake_gets_a_hint_about_http_ports(pem_files):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # accepts (in the backlog) and never answers, as an HTTP port waits for a request
+        with socket.create_connection(listener.getsockname(), timeout=5) as sock:
+            channel = TLSChannel(sock, client_context(cafile=str(pem_files["ca"])), server_side=False,
+                                 server_hostname="localhost")
+            with pytest.raises(TimeoutError, match=r"^no answer to the TLS handshake within 0.3s \(an HTTP port "
+                                                   r"waits for a request: is this the router's --http port\?\)$"):
+                channel.do_handshake(0.3)
+            assert channel.refusal() is None  # retried: a router may just be slow
