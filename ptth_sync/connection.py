@@ -454,7 +454,7 @@ class ConnectionSettings:
     """Tunables of one connection; the defaults suit a tunnel on a LAN."""
 
     #: Per-stream receive window: how much one stream may buffer unread.
-    stream_window: int = 4 * 1024 * 1024
+    stream_window: int = 1024 * 1024
     #: Largest DATA frame we accept (and the peer may send).
     max_frame_size: int = 1024 * 1024
     #: Streams the peer may open at once (meaningful for the server role).
@@ -746,6 +746,63 @@ class Connection:
         self._flush()
         return stream
 
+    def try_open_stream(
+        self,
+        headers: Sequence[Header],
+        body: bytes = b"",
+        listener: Optional[Callable[[Stream], None]] = None,
+        send: bool = True,
+    ) -> Optional[Stream]:
+        """Client role, never blocking: open a stream and send a whole request, if it fits now.
+
+        ``listener`` becomes the stream's :attr:`~Stream.listener` before the
+        peer can answer. With ``send`` False the request is only queued: the
+        caller sends it (with others) by calling :meth:`send_queued`.
+        Returns None, having sent nothing, when the peer's concurrent-stream
+        limit is reached or ``body`` exceeds the send window. Raises
+        :class:`ConnectionClosed` (``request_sent=False``) when the connection
+        is dead, draining or out of stream IDs. Bytes the socket does not take
+        at once are left to the writer thread.
+        """
+        h2conn = self._h2
+        with self._lock:
+            if self._error is not None:
+                raise ConnectionClosed(self._error.reason, request_sent=False)
+            limit = h2conn.remote_settings.max_concurrent_streams
+            if limit == 0:
+                msg = "tunnel is draining"
+                raise ConnectionClosed(msg, request_sent=False)
+            if h2conn.open_outbound_streams >= limit:
+                return None
+            total = len(body)
+            if total and total > min(h2conn.remote_settings.initial_window_size, h2conn.outbound_flow_control_window):
+                return None
+            try:
+                stream_id = h2conn.get_next_available_stream_id()
+            except h2.exceptions.NoAvailableStreamIDError:
+                msg = "stream IDs exhausted"
+                self._retire_locked(msg)
+                raise ConnectionClosed(msg, request_sent=False) from None
+            stream = Stream(self, stream_id)
+            stream.listener = listener
+            stream._first_byte_offset = self._queued_bytes
+            h2conn.send_headers(stream_id, headers, end_stream=not total)
+            frame = h2conn.max_outbound_frame_size
+            for pos in range(0, total, frame):
+                last = pos + frame >= total
+                chunk = body if total <= frame else _Payload(memoryview(body)[pos : pos + frame])
+                h2conn.send_data(stream_id, chunk, end_stream=last)
+            stream._local_ended = True
+            self._streams[stream_id] = stream
+            self._queue_output()
+        if send:
+            self._send_without_blocking()
+        return stream
+
+    def send_queued(self) -> None:
+        """Send what is queued, without blocking: the socket takes what it can, the writer thread the rest."""
+        self._send_without_blocking()
+
     # -- internals: waiting ------------------------------------------------
 
     def _wait(self, stream: Stream, ready: Callable[[], bool], timeout: Optional[float], what: str) -> None:
@@ -949,6 +1006,9 @@ class Connection:
             with self._lock:
                 self._fail(reason)
                 reason = self._error.reason if self._error is not None else reason
+                listening = [stream for stream in self._streams.values() if stream.listener is not None]
+            for stream in listening:
+                self._notify(stream)
             self._send_final_bytes()
             linger_close(self.sock)
             self.close_reason = reason
@@ -1018,9 +1078,12 @@ class Connection:
                         break
                 # Wake each stream once per batch, after the lock is released.
                 to_wake: List[threading.Lock] = []
+                listening: List[Stream] = []
                 for stream in wake:
                     if stream._waiting:
                         to_wake += stream._waiting.take()
+                    if stream.listener is not None:
+                        listening.append(stream)
                 if self._slots_freed != 0 and self._capacity_waiting:
                     to_wake += self._capacity_waiting.take(self._slots_freed)
                 self._slots_freed = 0
@@ -1028,6 +1091,8 @@ class Connection:
                 if self._outbox and self._queued_bytes - self._attempted_bytes > self.settings.max_unsent_bytes:
                     ended = ended or "peer does not read what we send"
             release(to_wake)
+            for stream in listening:
+                self._notify(stream)
             if self._outbox:
                 self._send_without_blocking()
             if ended is not None:
@@ -1039,6 +1104,15 @@ class Connection:
             if self._on_request is not None:
                 for stream in new_requests:
                     self._on_request(stream)
+
+    def _notify(self, stream: Stream) -> None:
+        """Call a stream's listener (reader thread, no lock held); its failure ends that stream only."""
+        try:
+            stream.listener(stream)  # type: ignore[misc]
+        except Exception:  # Defensive: a listener bug must not take the tunnel down
+            log.exception("tunnel %s: stream %d: listener failed", self.name, stream.id)
+            stream.listener = None
+            self._close_stream(stream, ErrorCodes.INTERNAL_ERROR, force_reset=False)
 
     def _poll_timeout_ms(self) -> int:
         """How long the reader may wait for bytes before a timer is due."""
@@ -1229,9 +1303,9 @@ class Connection:
                 return
             stream._closed = True
             self._streams.pop(stream.id, None)
-            unread = stream._buffered
+            unread = stream._buffered + stream._unacknowledged
             stream._chunks.clear()
-            stream._offset = stream._buffered = 0
+            stream._offset = stream._buffered = stream._unacknowledged = 0
             if self._error is None:
                 finished = stream._local_ended and stream._remote_ended and stream._error is None
                 if force_reset or (not finished and not isinstance(stream._error, StreamReset)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import TYPE_CHECKING, Deque, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Sequence, Tuple
 
 from h2.errors import ErrorCodes
 
@@ -38,6 +38,7 @@ class Stream:
         self._chunks: Deque[bytes] = collections.deque()
         self._offset = 0  # bytes of _chunks[0] already read
         self._buffered = 0  # bytes in _chunks not read yet
+        self._unacknowledged = 0  # bytes taken by take_received whose credit is not returned yet
         self._remote_ended = False
         self._local_ended = False
         self._error: Optional[Exception] = None
@@ -46,6 +47,12 @@ class Stream:
         # were queued: nothing of the stream reached the peer while fewer
         # bytes than this have been handed to the socket.
         self._first_byte_offset: Optional[int] = None
+        #: Called on the connection's reader thread, without the lock, whenever
+        #: something arrives for this stream (headers, data, its end, a reset,
+        #: the connection's death): for callers that collect the stream without
+        #: a thread of their own (:meth:`take_received`, :meth:`acknowledge`).
+        #: It must not block.
+        self.listener: Optional[Callable[[Stream], None]] = None
 
     # -- receiving -------------------------------------------------------
 
@@ -93,6 +100,40 @@ class Stream:
             conn._acknowledge(self.id, len(data))
         conn._flush()
         return data
+
+    def take_received(self) -> Tuple[List[bytes], bool]:
+        """Without waiting: the body pieces buffered so far, and whether the peer ended the stream.
+
+        The flow-control credit of what is taken is *not* returned: the caller
+        returns it with :meth:`acknowledge` once it has passed the bytes on, so
+        a slow consumer holds the peer back instead of buffering without bound.
+        Raises the stream's or the connection's error once there is one.
+        """
+        conn = self.connection
+        with conn._lock:
+            chunks = self._chunks
+            if not chunks:
+                if not self._remote_ended:
+                    conn._raise_if_failed(self)
+                return [], self._remote_ended
+            if self._offset:
+                chunks[0] = chunks[0][self._offset :]
+                self._offset = 0
+            pieces = list(chunks)
+            chunks.clear()
+            self._unacknowledged += self._buffered
+            self._buffered = 0
+            return pieces, self._remote_ended
+
+    def acknowledge(self, size: int) -> None:
+        """Return ``size`` bytes of flow-control credit taken with :meth:`take_received`; never blocks."""
+        conn = self.connection
+        with conn._lock:
+            if self._closed:
+                return
+            self._unacknowledged -= size
+            conn._acknowledge(self.id, size)
+        conn._send_without_blocking()
 
     def _take(self, size: int) -> bytes:
         """Remove and return up to ``size`` buffered bytes (lock held, something buffered).

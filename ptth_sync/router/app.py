@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import select
@@ -9,7 +10,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union, cast
 
 from h2.errors import ErrorCodes
 
@@ -29,7 +30,7 @@ from .metrics import RouterMetrics, merge, opening_failure_reason
 from .opening import PendingTunnels
 from .pool import TunnelPool
 
-__all__ = ["Router"]
+__all__ = ["Proxied", "Router"]
 
 log = logging.getLogger("ptth_sync.router")
 
@@ -46,6 +47,37 @@ UPLOAD_CHUNK = 1024 * 1024
 _NO_BODY_STATUSES = (204, 304)
 #: Tunnel connections that may be opening at once, per accept loop (see opening.py).
 MAX_PENDING_TUNNELS = 256
+
+
+class _Prepared:
+    """A request that passed the router's checks, with its HTTP/2 headers."""
+
+    __slots__ = ("body", "headers", "method", "origin", "target")
+
+    def __init__(
+        self, headers: List[Tuple[bytes, bytes]], method: str, target: str, body: _RequestBody, origin: str
+    ) -> None:
+        self.headers = headers
+        self.method = method
+        self.target = target
+        self.body = body
+        self.origin = origin
+
+
+class Proxied:
+    """A request :meth:`Router.begin` sent on a tunnel; its response comes through ``stream``."""
+
+    __slots__ = ("code", "done", "prepared", "sent", "started", "stream", "tunnel")
+
+    def __init__(self, prepared: _Prepared, stream: Stream, tunnel: Connection, started: float) -> None:
+        self.prepared = prepared
+        self.stream = stream
+        self.tunnel = tunnel
+        self.started = started
+        self.code = 502  # until the response headers say otherwise
+        #: Body bytes passed on to the client.
+        self.sent = 0
+        self.done = False
 
 
 class TunnelBroken(PTTHError):
@@ -442,6 +474,13 @@ class Router:
     # -- requests -------------------------------------------------------------
 
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        prepared = self._prepare(environ, start_response)
+        if not isinstance(prepared, _Prepared):
+            return prepared
+        return self._proxy(environ, start_response, prepared)
+
+    def _prepare(self, environ: Dict[str, Any], start_response: StartResponse) -> Union[_Prepared, List[bytes]]:
+        """Check a request and translate its headers; or answer it at once (start_response called)."""
         refusal = check_request(environ)
         if refusal is not None:
             log.info("%s %s: %d, %s", environ.get("REQUEST_METHOD"), environ.get("RAW_URI", ""), refusal.code,
@@ -461,6 +500,7 @@ class Router:
             log.info("%s %s: 413, a body of %s bytes over the limit of %d", method, target, body.length,
                      self.max_body_size)
             return self._reply_error(start_response, 413, *_too_large(self.max_body_size))
+        origin: Optional[str]  # None: no tunnel serves the request's host
         origin = ANY
         if self.pool.has_origins:
             origin = self._route(environ)
@@ -468,6 +508,127 @@ class Router:
                 host = environ.get("HTTP_HOST", "")
                 return self._reply_error(start_response, 421, "Misdirected Request",
                                          f"no backend serves the host {host!r}")
+        return _Prepared(headers, method, target, body, origin)
+
+    def begin(
+        self,
+        environ: Dict[str, Any],
+        start_response: StartResponse,
+        listener: Callable[[Stream], None],
+        queued: Optional[Set[Connection]] = None,
+    ) -> Union[Proxied, List[bytes], None]:
+        """Start proxying a request without blocking, for callers that serve clients from an event loop.
+
+        For a request whose body (if any) is in ``environ["wsgi.input"]``
+        already and small. Returns the router's own answer (``start_response``
+        called), or a :class:`Proxied` request whose stream calls ``listener``
+        as its response arrives (see :meth:`respond`), or None when the request
+        needs a thread (a tunnel to wait for, no stream free, a tunnel that
+        failed): then nothing was sent, and ``__call__`` serves the same
+        environ. With a ``queued`` set, the request is only queued on its
+        tunnel, which is added to the set: the caller sends it
+        (``send_queued()``).
+        """
+        prepared = self._prepare(environ, start_response)
+        if not isinstance(prepared, _Prepared):
+            return prepared
+        body = prepared.body
+        if body.present and (body.length is None or body.length > SMALL_BODY):
+            return None
+        tunnel = self.pool.choose(exclude=(), wait=0.0, origin=prepared.origin)
+        if tunnel is None:
+            if self.tunnel_wait > 0:
+                return None
+            return self._reply_error(start_response, 503, "Service Unavailable", "no tunnel is connected")
+        headers = prepared.headers
+        limit = tunnel.peer_max_header_list_size
+        if limit is not None and header_list_size(headers) > limit:
+            log.info("%s %s: 431, headers of %d bytes over the backend's %d", prepared.method, prepared.target,
+                     header_list_size(headers), limit)
+            return self._reply_error(start_response, 431, "Request Header Fields Too Large",
+                                     f"the request's headers exceed the backend's limit of {limit} bytes")
+        small = body.read_small() if body.present else None
+        if body.failure is not None:
+            return self._reply_client_body_error(environ, start_response, prepared.method, prepared.target, None,
+                                                 body)
+        started = time.monotonic()
+        try:
+            stream = tunnel.try_open_stream(headers, small or b"", listener, send=queued is None)
+        except ConnectionClosed:
+            stream = None
+        if stream is not None and queued is not None:
+            queued.add(tunnel)
+        if stream is None:
+            if small is not None:  # for __call__: the body again
+                environ["wsgi.input"] = io.BytesIO(small)
+            return None
+        body.sent = len(small or b"")
+        return Proxied(prepared, stream, tunnel, started)
+
+    def respond(self, proxied: Proxied, start_response: StartResponse) -> Optional[List[bytes]]:
+        """The response headers of a :class:`Proxied` request arrived: pass them to ``start_response``.
+
+        Returns None when a body follows (read it from the stream), else the
+        whole body: empty, or the router's 502 when the backend's headers are
+        invalid (that stream is reset; the tunnel carries on).
+        """
+        stream = proxied.stream
+        prepared = proxied.prepared
+        try:
+            code, status = response_status(cast(List[Tuple[bytes, bytes]], stream.headers))  # they arrived
+            wsgi_headers = response_headers(cast(List[Tuple[bytes, bytes]], stream.headers))
+        except InvalidHeader as exc:
+            log.warning("%s %s: 502, tunnel %s sent a malformed response: %s", prepared.method, prepared.target,
+                        proxied.tunnel.name, exc)
+            stream.close(ErrorCodes.PROTOCOL_ERROR)
+            proxied.done = True
+            return self._reply_error(start_response, 502, "Bad Gateway", "the backend sent an invalid response",
+                                     proxied.started, prepared.body)
+        proxied.code = code
+        start_response(status, wsgi_headers)
+        if prepared.method == "HEAD" or code in _NO_BODY_STATUSES:
+            stream.close()
+            self.finished(proxied)
+            return []
+        return None
+
+    def failed(
+        self, proxied: Proxied, exc: Exception, environ: Dict[str, Any], start_response: StartResponse
+    ) -> Optional[List[bytes]]:
+        """A :class:`Proxied` request's stream failed before its response headers.
+
+        Returns None when the request provably never reached an application:
+        ``__call__`` may serve the same environ again, on another tunnel. Else
+        the router's 502, or 504 for a :class:`StreamTimeout`.
+        """
+        prepared = proxied.prepared
+        proxied.stream.close()
+        proxied.done = True
+        if isinstance(exc, StreamTimeout):
+            return self._reply_error(start_response, 504, "Gateway Timeout", "the backend did not answer in time",
+                                     proxied.started, prepared.body)
+        if _retryable(exc):
+            log.info("%s %s: retrying (%s)", prepared.method, prepared.target, exc)
+            small = prepared.body.read_small() if prepared.body.present else None
+            if small is not None:
+                environ["wsgi.input"] = io.BytesIO(small)
+            return None
+        log.warning("%s %s: tunnel %s failed before the response: %s", prepared.method, prepared.target,
+                    proxied.tunnel.name, exc)
+        return self._reply_error(start_response, 502, "Bad Gateway", "the tunnel failed before the response",
+                                 proxied.started, prepared.body)
+
+    def finished(self, proxied: Proxied, broken: bool = False) -> None:
+        """Count a :class:`Proxied` request that is over, and release its stream."""
+        proxied.stream.close()
+        if not proxied.done:
+            proxied.done = True
+            self.metrics.request_done(proxied.code, proxied.started, proxied.prepared.body.sent, proxied.sent,
+                                      proxied.tunnel, broken)
+
+    def _proxy(self, environ: Dict[str, Any], start_response: StartResponse, prepared: _Prepared) -> Iterable[bytes]:
+        headers, method, target, body, origin = (prepared.headers, prepared.method, prepared.target, prepared.body,
+                                                 prepared.origin)
         tried: List[Connection] = []
         started: Optional[float] = None  # when the router first called a tunnel for this request
         while True:
@@ -633,7 +794,7 @@ class _RequestBody:
     """The client's request body: read up front when small, else streamed by an upload thread."""
 
     def __init__(self, environ: Dict[str, Any], max_size: Optional[int] = None) -> None:
-        self._input = environ.get("wsgi.input")
+        self._input: Any = environ.get("wsgi.input")
         length_text = environ.get("CONTENT_LENGTH") or ""
         self.length = int(length_text) if length_text.isdigit() else None
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()

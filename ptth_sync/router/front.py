@@ -72,13 +72,21 @@ class WaitingClient:
         return str(self.addr[0]) if self.addr else "?"
 
 
+class _WhenWritable:
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+
+
 class ClientFront:
     """Accepts client connections and holds them in a selector until a request head is complete.
 
     Runs in one thread (the worker's main loop calls :meth:`poll`); threads
     hand connections back with :meth:`give_back`, which wakes the loop through
     ``wake``. ``handoff(client)`` must not block: it queues the client for a
-    thread. ``may_accept()`` is asked before each ``accept``.
+    thread. ``may_accept()`` is asked before each ``accept``; ``after_events()``
+    is called once the events of a wake-up are handled.
     """
 
     def __init__(
@@ -92,8 +100,10 @@ class ClientFront:
         max_head: int,
         ssl_context: Optional[ssl.SSLContext] = None,
         may_accept: Callable[[], bool] = lambda: True,
+        after_events: Callable[[], None] = lambda: None,
     ) -> None:
         self._handoff = handoff
+        self._after_events = after_events
         self._may_accept = may_accept
         self._wake = wake
         self.header_timeout = header_timeout
@@ -108,6 +118,7 @@ class ClientFront:
         #: Waiting connections, oldest first (a dict keeps insertion order; re-inserted on each return).
         self._waiting: Dict[int, WaitingClient] = {}
         self._returned: Deque[Tuple[WaitingClient, bool]] = collections.deque()
+        self._writable_wanted: Deque[Tuple[Any, Callable[[], None]]] = collections.deque()
         self._lock = threading.Lock()
         #: Client connections open, waiting or with a thread.
         self.connections = 0
@@ -150,13 +161,18 @@ class ClientFront:
             events = []
         for key, _ in events:
             data = key.data
-            if callable(data):
-                data()
-            elif isinstance(data, WaitingClient):
+            if isinstance(data, WaitingClient):
                 self._on_readable(data)
+            elif isinstance(data, _WhenWritable):
+                self._unregister(key.fileobj)
+                data.callback()
+            elif callable(data):
+                data()
             else:
                 self._accept(data)
         self._take_returned()
+        self._take_writable_wanted()
+        self._after_events()
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_INTERVAL
@@ -165,8 +181,47 @@ class ClientFront:
     def give_back(self, client: WaitingClient, keep: bool = True) -> None:
         """From any thread: the connection waits for its next request here again (or is closed)."""
         with self._lock:
+            wake = not self._returned  # else a wake-up is on its way already
             self._returned.append((client, keep))
-        self._wake()
+        if wake:
+            self._wake()
+
+    def when_writable(self, sock: Any, callback: Callable[[], None]) -> None:
+        """From any thread: call ``callback`` (in the loop) once ``sock``, held by no thread, can be written."""
+        with self._lock:
+            wake = not self._writable_wanted
+            self._writable_wanted.append((sock, callback))
+        if wake:
+            self._wake()
+
+    def _take_writable_wanted(self) -> None:
+        if not self._writable_wanted:
+            return
+        with self._lock:
+            wanted, self._writable_wanted = self._writable_wanted, collections.deque()
+        for sock, callback in wanted:
+            try:
+                key = self._selector.get_key(sock)
+            except KeyError:
+                key = None
+            except (ValueError, OSError):  # closed meanwhile: the callback finds out
+                callback()
+                continue
+            try:
+                if key is None:
+                    self._selector.register(sock, selectors.EVENT_WRITE, _WhenWritable(callback))
+                elif isinstance(key.data, _WhenWritable):  # an earlier request's, which is over
+                    self._selector.modify(sock, selectors.EVENT_WRITE, _WhenWritable(callback))
+                else:  # the connection waits for a request again: the asker is over
+                    callback()
+            except (ValueError, OSError):
+                callback()
+
+    def _unregister(self, sock: Any) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass
 
     def closed(self) -> None:
         """From any thread: a connection a thread held is gone."""
@@ -217,6 +272,7 @@ class ClientFront:
     def _start(self, sock: socket.socket, addr: Any, listener: Any) -> None:
         client = WaitingClient(sock, addr, listener)
         try:
+            sock.setblocking(False)  # (an accepted socket blocks, whatever its listener does)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
@@ -245,10 +301,7 @@ class ClientFront:
 
     def _unwait(self, client: WaitingClient) -> None:
         self._waiting.pop(id(client), None)
-        try:
-            self._selector.unregister(client.sock)
-        except (KeyError, ValueError, OSError):
-            pass
+        self._unregister(client.sock)
 
     def _on_readable(self, client: WaitingClient) -> None:
         sock = client.sock
@@ -294,16 +347,21 @@ class ClientFront:
         now = time.monotonic()
         for client, keep in returned:
             if not keep or closing:
-                self._drop(client)
+                self._drop(client, graceful=True)
                 continue
             try:
-                client.sock.setblocking(False)
+                if client.sock.gettimeout() != 0.0:  # a thread made it blocking
+                    client.sock.setblocking(False)
             except OSError:
                 self._drop(client)
                 continue
+            self._unregister(client.sock)  # it may still be watched for room to write
             client.started = bool(client.buffer)
             client.deadline = now + (self.header_timeout if client.started else self.keepalive)
-            self._wait(client)
+            if head_complete(client.buffer):
+                self._handoff(client)  # pipelined: here already
+            else:
+                self._wait(client)
 
     def _sweep(self, now: float) -> None:
         """Close the connections whose head or keep-alive time is up."""
@@ -332,10 +390,18 @@ class ClientFront:
             self._shed = 0
         return victim is not None
 
-    def _drop(self, client: WaitingClient) -> None:
+    def _drop(self, client: WaitingClient, graceful: bool = False) -> None:
+        """Close a connection; ``graceful``: FIN first, and what it sent meanwhile read, so no RST cuts a response."""
         self._unwait(client)
+        sock = client.sock
         try:
-            client.sock.close()
+            if graceful and not isinstance(sock, ssl.SSLSocket):
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(65536, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        try:
+            sock.close()
         except OSError:
             pass
         self._forget(client)

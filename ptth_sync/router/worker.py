@@ -34,16 +34,18 @@ import ssl
 import threading
 import time
 from datetime import datetime
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Set
 
 from gunicorn import http, sock, util
 from gunicorn.http import wsgi
+from gunicorn.http.body import LengthReader
 
 from ..gunicorn_base import ThreadedWorker
-from .app import TunnelBroken
+from .app import SMALL_BODY, Proxied, TunnelBroken
 from .checks import CLOSE_CONNECTION
 from .front import ClientFront, WaitingClient, head_complete
 from .limits import descriptor_budget
+from .relay import Relay, ResponseSink
 
 __all__ = ["ClientConnectionLoop", "RouterWorker"]
 
@@ -199,23 +201,26 @@ class ClientConnectionLoop:
     def _set_idle(self, client: socket.socket, idle: bool) -> None:
         """Called as ``client`` starts (True) and stops (False) waiting for its next request."""
 
-    def _handle_request(self, listener: Any, req: Any, client: socket.socket, addr: Any) -> bool:
-        """Serve one request; True to keep the connection for another."""
+    def _handle_request(
+        self, listener: Any, req: Any, client: socket.socket, addr: Any, begun: Optional[Relay] = None
+    ) -> bool:
+        """Serve one request; True to keep the connection for another.
+
+        ``begun``: the request was taken up without a thread (pre_request
+        called, response and environ made) and comes here to finish.
+        """
         environ: dict = {}
         resp = None
         try:
-            self.cfg.pre_request(self, req)
-            request_start = datetime.now()
-            resp, environ = wsgi.create(req, client, addr, listener.getsockname(), self.cfg)
-            environ["wsgi.multithread"] = True
-            self.nr += 1
-            if self.nr >= self.max_requests and self.alive:
-                self.log.info("Autorestarting worker after current request.")
-                self.alive = False
-            if not self.alive or not self.cfg.keepalive or not self.wsgi.takes_clients():
-                # (A router process with no tunnel among others that have some
-                # answers, then lets the client reconnect to one of them.)
-                resp.force_close()
+            if begun is None:
+                self.cfg.pre_request(self, req)
+                request_start = datetime.now()
+                resp, environ = wsgi.create(req, client, addr, listener.getsockname(), self.cfg)
+                environ["wsgi.multithread"] = True
+                self._count_request(resp)
+            else:
+                resp, environ, request_start = begun.resp, begun.environ, begun.request_start
+                resp.sock = client
             respiter = self.wsgi(environ, resp.start_response)
             if environ.get(CLOSE_CONNECTION):  # the rest of what the client sent cannot be trusted
                 resp.force_close()
@@ -248,6 +253,18 @@ class ClientConnectionLoop:
                 self.log.exception("Exception in post_request hook")
 
 
+    def _count_request(self, resp: Any) -> None:
+        """A request starts: count it toward ``max_requests``; close after it when the worker stops."""
+        self.nr += 1
+        if self.nr >= self.max_requests and self.alive:
+            self.log.info("Autorestarting worker after current request.")
+            self.alive = False
+        if not self.alive or not self.cfg.keepalive or not self.wsgi.takes_clients():
+            # (A router process with no tunnel among others that have some
+            # answers, then lets the client reconnect to one of them.)
+            resp.force_close()
+
+
 class RouterWorker(ClientConnectionLoop, ThreadedWorker):
     """gunicorn worker: waiting connections in a selector, a thread per request being proxied.
 
@@ -261,10 +278,18 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
 
     #: After a response, how long a thread waits for the next request before giving the connection back.
     linger: float = 0.5
+    #: Serve simple requests without a thread (see :mod:`ptth_sync.router.relay`).
+    relay_requests: bool = True
 
     def init_process(self) -> None:
         self._pool = _ElasticPool(self.cfg.threads)
         self._front: Optional[ClientFront] = None
+        self._relays: Dict[int, Relay] = {}
+        self._relays_lock = threading.Lock()
+        self._server_names: Dict[int, Any] = {}
+        self._next_relay_check = 0.0
+        #: Tunnels with relayed requests queued but not sent yet (main thread only).
+        self._queued: Set[Any] = set()
         super().init_process()
 
     def run(self) -> None:
@@ -279,23 +304,131 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             max_head=self.cfg.limit_request_line + self.cfg.limit_request_fields * self.cfg.limit_request_field_size,
             ssl_context=context,
             may_accept=self.wsgi.takes_clients,
+            after_events=self._send_queued,
         )
         for listener in self.sockets:
             front.add_listener(listener)
         front.watch(self.PIPE[0], self.drain_pipe)
         interval = min(1.0, self.timeout / 2 if self.timeout else 1.0)
+        next_beat = 0.0
         while self.alive:
-            self.notify()
-            if not self.is_parent_alive():
-                break
+            now = time.monotonic()
+            if now >= next_beat:  # (the arbiter's heartbeat, not at every wake-up: each costs two syscalls)
+                next_beat = now + interval / 2
+                self.notify()
+                if not self.is_parent_alive():
+                    break
             # In a fleet of router processes, one without a tunnel leaves clients to the others.
             taking = self.wsgi.takes_clients()
             front.set_accepting(taking)
             front.poll(interval if taking else min(interval, 0.1))
+            self._check_relays()
         self._stop_gracefully()
 
     def _handoff(self, client: WaitingClient) -> None:
-        self._pool.submit(lambda: self._serve_client(client))
+        if not (self.relay_requests and self._relay(client)):
+            self._pool.submit(lambda: self._serve_client(client))
+
+    # -- requests without a thread (see relay.py) --------------------------------
+
+    def _relay(self, client: WaitingClient) -> bool:
+        """Serve the request in ``client.buffer`` without a thread if it is simple; False if it needs one."""
+        if isinstance(client.sock, ssl.SSLSocket) or not self.alive:
+            return False
+        parser = http.get_parser(self.cfg, _NO_MORE_BYTES, client.addr)
+        parser.unreader.unread(bytes(client.buffer))
+        try:
+            req = next(parser)
+        except Exception:
+            return False  # a thread parses it again and answers it as gunicorn does
+        reader = req.body.reader
+        if (req._expected_100_continue or type(reader) is not LengthReader or reader.length > SMALL_BODY
+                or reader.length > len(parser.unreader.buf.getbuffer())):
+            return False  # a body to wait for or to stream
+        self.cfg.pre_request(self, req)
+        request_start = datetime.now()
+        resp, environ = wsgi.create(req, ResponseSink(), client.addr, self._server_name(client.listener), self.cfg)
+        environ["wsgi.multithread"] = True
+        self._count_request(resp)
+        relay = Relay(self, client, parser, req, resp, environ, request_start, self.wsgi.timeout)
+        with self._relays_lock:
+            self._relays[id(relay)] = relay
+        with relay._lock:
+            try:
+                outcome = self.wsgi.begin(environ, resp.start_response, relay.on_stream, self._queued)
+            except Exception:
+                self.log.exception("Error handling request %s", req.uri)
+                relay._abort(broken=False)
+                return True
+            if outcome is None:
+                relay._done = True
+                self.retry(relay)
+            elif isinstance(outcome, Proxied):
+                relay.proxied = outcome
+            else:
+                relay._answer(outcome)
+        return True
+
+    def _send_queued(self) -> None:
+        """After a batch of events: send the requests relayed meanwhile, one write per tunnel."""
+        if self._queued:
+            for tunnel in self._queued:
+                tunnel.send_queued()
+            self._queued.clear()
+
+    def _server_name(self, listener: Any) -> Any:
+        name = self._server_names.get(id(listener))
+        if name is None:
+            name = self._server_names[id(listener)] = listener.getsockname()
+        return name
+
+    def retry(self, relay: Relay) -> None:
+        """A relayed request needs a thread after all (a tunnel to wait for, another tunnel to try)."""
+        with self._relays_lock:
+            self._relays.pop(id(relay), None)
+        self._pool.submit(lambda: self._serve_client(relay.client, relay))
+
+    def want_writable(self, relay: Relay) -> None:
+        assert self._front is not None
+        self._front.when_writable(relay.client.sock, relay.on_writable)
+
+    def request_done(self, relay: Relay) -> None:
+        """A relayed request is over: the access log and the post_request hook."""
+        try:
+            self.log.access(relay.resp, relay.req, relay.environ, datetime.now() - relay.request_start)
+        except Exception:
+            self.log.exception("Error writing the access log")
+        try:
+            self.cfg.post_request(self, relay.req, relay.environ, relay.resp)
+        except Exception:
+            self.log.exception("Exception in post_request hook")
+
+    def finish(self, relay: Relay, keep: bool) -> None:
+        """A relayed request is over: its connection waits for the next request, or closes."""
+        assert self._front is not None
+        with self._relays_lock:
+            self._relays.pop(id(relay), None)
+        client = relay.client
+        if keep and self.alive:
+            try:
+                while relay.req.body.read(65536):  # what the router did not forward (all of it is here)
+                    pass
+            except Exception:
+                keep = False
+        if keep and self.alive:
+            client.buffer = bytearray(relay.parser.unreader.take_buffered())
+        # Closed by the front too, which may be watching the socket for room to write.
+        self._front.give_back(client, keep and self.alive)
+
+    def _check_relays(self) -> None:
+        now = time.monotonic()
+        if now < self._next_relay_check:
+            return
+        self._next_relay_check = now + 0.25
+        with self._relays_lock:
+            relays = list(self._relays.values())
+        for relay in relays:
+            relay.check(now)
 
     def _stop_gracefully(self) -> None:
         """Close waiting connections; give busy ones ``graceful_timeout`` to finish."""
@@ -315,13 +448,17 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
                 return
             self.notify()
             front.poll(min(remaining, 0.5))
+            self._check_relays()
 
-    def _serve_client(self, client: WaitingClient) -> None:
-        """Serve the requests that follow at once on ``client``; then give it back or close it."""
+    def _serve_client(self, client: WaitingClient, begun: Optional[Relay] = None) -> None:
+        """Serve the requests that follow at once on ``client``; then give it back or close it.
+
+        ``begun``: the first request was taken up without a thread and needs one after all.
+        """
         assert self._front is not None
         keep = False
         try:
-            keep = self._serve_requests(client)
+            keep = self._serve_requests(client, begun)
         except (StopIteration, http.errors.NoMoreData):
             pass  # the client closed
         except ssl.SSLError as exc:
@@ -339,13 +476,13 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         self._front.closed()
         self.wake()  # a thread freed up, or the stop loop counts connections
 
-    def _serve_requests(self, client: WaitingClient) -> bool:
+    def _serve_requests(self, client: WaitingClient, begun: Optional[Relay] = None) -> bool:
         """The request loop on one connection; True when it should wait in the selector for the next one."""
         raw = client.sock
         raw.setblocking(True)
         io_socket = _ClientSocket(raw, self.cfg.timeout or None)
         try:
-            return self._request_loop(client, io_socket)
+            return self._request_loop(client, io_socket, begun)
         except TimeoutError:
             if io_socket.in_head:
                 self.log.info("Closing connection from %s: request head not received within %gs", client.peer,
@@ -355,18 +492,26 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
                               "or sending its body)", client.peer, self.cfg.timeout)
             return False
 
-    def _request_loop(self, client: WaitingClient, io_socket: _ClientSocket) -> bool:
+    def _request_loop(self, client: WaitingClient, io_socket: _ClientSocket, begun: Optional[Relay] = None) -> bool:
         raw = client.sock
-        parser = http.get_parser(self.cfg, io_socket, client.addr)
-        parser.unreader.unread(bytes(client.buffer))
+        if begun is None:
+            parser = http.get_parser(self.cfg, io_socket, client.addr)
+            parser.unreader.unread(bytes(client.buffer))
+        else:
+            parser = begun.parser
+            parser.unreader.sock = io_socket
         client.buffer = bytearray()
         while True:
             client.started = True
-            io_socket.expect_head(self.header_timeout)
-            req = next(parser)
-            io_socket.head_done()
-            if not self._handle_request(client.listener, req, io_socket, client.addr) or not self.alive:
+            if begun is None:
+                io_socket.expect_head(self.header_timeout)
+                req = next(parser)
+                io_socket.head_done()
+            else:
+                req = begun.req
+            if not self._handle_request(client.listener, req, io_socket, client.addr, begun) or not self.alive:
                 return False
+            begun = None
             # The next request may use the connection only once this one's body is gone.
             if not parser.finish_body(deadline=time.monotonic() + 1.0):
                 return False
@@ -398,6 +543,17 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         poller = select.poll()  # not select(): descriptors may exceed 1024 here
         poller.register(raw, select.POLLIN)
         return bool(poller.poll(self.linger * 1000))
+
+
+class _NoMoreBytes:
+    """The source of a request parsed from bytes received already: there are no more."""
+
+    @staticmethod
+    def recv(size: int) -> bytes:
+        return b""
+
+
+_NO_MORE_BYTES = _NoMoreBytes()
 
 
 def _shutdown(client: socket.socket) -> None:

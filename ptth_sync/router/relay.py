@@ -1,0 +1,261 @@
+"""Proxied requests served without a thread: the front sends them, the tunnel's reader answers.
+
+A simple request (no body, or a small one that arrived with its head) needs
+no thread of its own: the thread that found its head complete (the
+:class:`~ptth_sync.router.front.ClientFront` loop) parses it with gunicorn's
+parser and sends it on a tunnel without blocking
+(:meth:`~ptth_sync.router.Router.begin`); the tunnel's reader thread, as the
+response arrives, formats it with gunicorn's response writer and sends it to
+the client without blocking. A :class:`Relay` is that request's state
+between the two.
+
+What the threaded path guarded, and how it is kept here:
+
+- a client that stops reading costs a socket and a buffer: what the client
+  has not taken waits here, its flow-control credit is returned to the tunnel
+  only once the client took it (so the backend is held back, and the buffer
+  stays within one stream window), the client's socket waits for room in the
+  front's selector, and a client that takes nothing for ``timeout`` seconds
+  is closed (logged);
+- a backend that does not answer in ``timeout`` seconds gets the client a
+  504; one that stops mid-response aborts the client's connection;
+- a response that ends badly is never passed off as complete: the client
+  connection is cut;
+- everything else (bodies that stream, TLS clients, waiting for a tunnel,
+  retries) goes to a thread as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, List, Optional
+
+from ..errors import StreamTimeout
+from ..sockets import unsent
+from .checks import CLOSE_CONNECTION
+
+if TYPE_CHECKING:
+    from ..stream import Stream
+    from .app import Proxied
+    from .front import WaitingClient
+
+__all__ = ["Relay", "ResponseSink"]
+
+log = logging.getLogger("ptth_sync.router")
+
+#: Buffers handed to one ``sendmsg`` at most (the kernel's IOV_MAX is 1024).
+_IOV_MAX = 512
+
+
+class ResponseSink:
+    """Where gunicorn's response writer puts its bytes, to be sent without blocking."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: List[Any] = []
+
+    def sendall(self, data: Any) -> None:
+        if data:
+            self.parts.append(data)
+
+    def send(self, data: Any) -> int:
+        self.sendall(data)
+        return len(data)
+
+    def take(self) -> List[Any]:
+        parts, self.parts = self.parts, []
+        return parts
+
+
+class Relay:
+    """One request proxied without a thread: its client, its gunicorn objects, its stream.
+
+    The host (the router's worker) provides ``finish(relay, keep)`` and
+    ``want_writable(relay)``; see :meth:`on_stream`, :meth:`on_writable` and
+    :meth:`check`, which may run on different threads (one lock orders them).
+    """
+
+    def __init__(
+        self,
+        host: Any,
+        client: WaitingClient,
+        parser: Any,
+        req: Any,
+        resp: Any,
+        environ: dict,
+        request_start: datetime,
+        timeout: float,
+    ) -> None:
+        self.host = host
+        self.client = client
+        self.parser = parser
+        self.req = req
+        self.resp = resp
+        self.sink: ResponseSink = resp.sock
+        self.environ = environ
+        self.request_start = request_start
+        self.timeout = timeout
+        self.proxied: Optional[Proxied] = None
+        self._lock = threading.Lock()
+        self._pending: List[Any] = []  # bytes for the client not sent yet
+        self._uncredited = 0  # body bytes taken from the stream whose credit is not returned
+        self._responding = False  # the response headers were handled
+        self._ending = False  # the response is complete in _pending
+        self._done = False
+        self._waiting_writable = False
+        #: When the request fails for want of progress (see :meth:`check`).
+        self.deadline = time.monotonic() + (timeout or 1e9)
+
+    # -- events ---------------------------------------------------------------
+
+    def answer(self, body: List[bytes]) -> None:
+        """The router answered on its own (start_response was called): send it."""
+        with self._lock:
+            self._answer(body)
+
+    def on_stream(self, stream: Stream) -> None:
+        """The tunnel's reader: something arrived for the stream."""
+        with self._lock:
+            if not self._done and self.proxied is not None:
+                self._advance(stream)
+
+    def on_writable(self) -> None:
+        """The front: the client's socket has room again."""
+        with self._lock:
+            self._waiting_writable = False
+            if self._done:
+                return
+            self._flush()
+            if not self._done and self._responding and not self._ending and self.proxied is not None:
+                self._advance(self.proxied.stream)
+
+    def check(self, now: float) -> None:
+        """The front, now and then: give up on a request that made no progress for ``timeout`` seconds."""
+        if now < self.deadline or not self.timeout:
+            return
+        with self._lock:
+            if self._done or now < self.deadline:
+                return
+            proxied = self.proxied
+            if proxied is not None and not self._responding:
+                self._failed(proxied, StreamTimeout("the backend did not answer in time"))
+            elif self._pending:
+                log.info("Closing connection from %s: no progress for %gs (it stopped reading the response)",
+                         self.client.peer, self.timeout)
+                self._abort(broken=False)
+            else:
+                log.warning("Aborted response to %s %s: the backend sent nothing for %gs", self.req.method,
+                            self.req.uri, self.timeout)
+                self._abort(broken=True)
+
+    # -- internals (lock held) ------------------------------------------------------
+
+    def _advance(self, stream: Stream) -> None:
+        proxied = self.proxied
+        assert proxied is not None
+        router = self.host.wsgi
+        if not self._responding:
+            if stream.headers is None:
+                try:
+                    stream.take_received()  # raises the stream's error, if any
+                except Exception as exc:
+                    self._failed(proxied, exc)
+                return
+            self._responding = True
+            self.deadline = time.monotonic() + (self.timeout or 1e9)
+            body = router.respond(proxied, self.resp.start_response)
+            if body is not None:
+                self._answer(body)
+                return
+        while True:
+            try:
+                pieces, ended = stream.take_received()
+            except Exception as exc:
+                log.warning("stream %d broke after the response started: %s", stream.id, exc)
+                log.warning("Aborted response to %s %s: tunnel failed mid-response: %s", self.req.method,
+                            self.req.uri, exc)
+                self._abort(broken=True)
+                return
+            if not pieces and not ended:
+                break
+            for piece in pieces:
+                self.resp.write(piece)
+                self._uncredited += len(piece)
+                proxied.sent += len(piece)
+            if ended:
+                self.resp.close()
+                self._ending = True
+                break
+        self._pending += self.sink.take()
+        self._flush()
+
+    def _answer(self, body: List[bytes]) -> None:
+        for item in body:
+            self.resp.write(item)
+        self.resp.close()
+        self._ending = True
+        self._pending += self.sink.take()
+        self._flush()
+
+    def _failed(self, proxied: Proxied, exc: Exception) -> None:
+        """The stream failed before the response: an error page, or the request goes to a thread."""
+        body = self.host.wsgi.failed(proxied, exc, self.environ, self.resp.start_response)
+        if body is None:
+            self._done = True
+            self.host.retry(self)
+            return
+        self._answer(body)
+
+    def _flush(self) -> None:
+        """Send what is pending without blocking; finish the request once all of it is out."""
+        pending = self._pending
+        sock = self.client.sock
+        while pending:
+            try:
+                sent = sock.sendmsg(pending[:_IOV_MAX], (), socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                if not self._waiting_writable:
+                    self._waiting_writable = True
+                    self.host.want_writable(self)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                    log.info("Closing connection from %s: %s", self.client.peer, exc)
+                self._abort(broken=False)
+                return
+            self.deadline = time.monotonic() + (self.timeout or 1e9)
+            pending[:] = unsent(pending, sent)
+        if self._ending:
+            self._complete()
+        elif self._uncredited and self.proxied is not None:
+            credit, self._uncredited = self._uncredited, 0
+            self.proxied.stream.acknowledge(credit)
+
+    def _complete(self) -> None:
+        self._done = True
+        keep = not self.resp.should_close() and not self.environ.get(CLOSE_CONNECTION)
+        self._log()
+        self.host.finish(self, keep)
+
+    def _abort(self, broken: bool) -> None:
+        """End the request early: the client's connection is cut (a response never looks complete)."""
+        self._done = True
+        self._pending = []
+        try:
+            self.client.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._log(broken)
+        self.host.finish(self, False)
+
+    def _log(self, broken: bool = False) -> None:
+        if self.proxied is not None:
+            self.host.wsgi.finished(self.proxied, broken)
+        self.host.request_done(self)
+

@@ -1,0 +1,108 @@
+"""Requests the router serves without a thread (ptth_sync/router/relay.py), seen from a raw client.
+
+A real router process and a real backend; the client is a plain socket, so
+that keep-alive, pipelining, HEAD, small bodies, timeouts and aborted
+responses are exercised exactly as sent. Throughout, the router worker's
+thread count shows that no request thread was needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import socket
+from typing import Any, List, Tuple
+
+from tests.conftest import wait_until
+from tests.system.test_slow_clients import status, timed_get, worker_pid
+
+
+class _Reader(io.BufferedReader):
+    """The connection's one buffered reader, kept open across responses (pipelined ones share it)."""
+
+    def close(self) -> None:
+        pass
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket) -> None:
+        self.reader = _Reader(socket.SocketIO(sock, "rb"))
+
+    def makefile(self, mode: str) -> _Reader:
+        return self.reader
+
+
+def read_responses(sock: socket.socket, methods: List[str]) -> List[Tuple[int, Any, bytes]]:
+    """Read one response per method from ``sock`` (HEAD responses have no body)."""
+    connection = _Connection(sock)
+    answers = []
+    for method in methods:
+        response = http.client.HTTPResponse(connection, method=method)  # type: ignore[arg-type]
+        response.begin()
+        answers.append((response.status, response.msg, response.read()))
+    return answers
+
+
+def test_pipelined_keep_alive_requests_are_answered_in_order_without_a_thread(router_process, backend_process):
+    router = router_process()
+    backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    worker = worker_pid(router.pid)
+    threads = status(worker, "Threads")
+    with socket.create_connection((router.http_host, router.http_port), timeout=10) as sock:
+        sock.sendall(
+            b"GET /foo HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"HEAD /download?mib=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /download?mib=3 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        answers = read_responses(sock, ["GET", "HEAD", "POST", "GET", "GET"])
+        for _ in range(200):  # and keep-alive, one at a time
+            sock.sendall(b"GET /foo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_responses(sock, ["GET"])[0][2] == b"bar"
+    expected = hashlib.sha256(bytes(range(256)) * 1024 * 12).hexdigest()
+    assert [code for code, _, _ in answers] == [200] * 5
+    assert answers[0][2] == b"bar"
+    assert answers[1][1]["Content-Length"] == str(1024 * 1024)
+    assert answers[1][2] == b""
+    assert answers[2][2] == b"hello"  # no Content-Length from the app: chunked to the client
+    assert answers[2][1]["Transfer-Encoding"] == "chunked"
+    assert hashlib.sha256(answers[3][2]).hexdigest() == expected
+    assert answers[4][2].isdigit()
+    assert status(worker, "Threads") == threads
+    assert router.count_lines("Tunnel removed") == 0
+
+
+def test_a_backend_that_does_not_answer_in_time_gets_the_client_a_504(router_process, backend_process):
+    router = router_process("--timeout", "1")
+    backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    conn = http.client.HTTPConnection(router.http_host, router.http_port, timeout=10)
+    conn.request("GET", "/sleep?s=3")
+    response = conn.getresponse()
+    assert response.status == 504
+    assert b"did not answer in time" in response.read()
+    conn.request("GET", "/foo")  # the same connection carries on
+    assert conn.getresponse().read() == b"bar"
+    conn.close()
+    assert router.count_lines("Tunnel removed") == 0
+
+
+def test_a_client_that_goes_away_mid_response_resets_only_its_stream(router_process, backend_process):
+    router = router_process()
+    backend = backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    for _ in range(20):
+        with socket.create_connection((router.http_host, router.http_port), timeout=10) as sock:
+            sock.sendall(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = 0
+            while received < 256 * 1024:
+                received += len(sock.recv(65536))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+    wait_until(lambda: backend.count_lines("reset by peer") >= 20, 30,
+               what=f"the backend to see the 20 streams reset:\n{backend.output()[-3000:]}")
+    assert timed_get(router.url) < 1.0
+    assert router.count_lines("Tunnel removed") == 0
+    assert router.count_lines("Traceback") == 0
