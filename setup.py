@@ -9,6 +9,8 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ptth_sync", "ptth_sync.*"]),
+    # py.typed: type checkers read the package's own annotations (PEP 561).
+    package_data={"ptth_sync": ["py.typed"]},
     license="MIT",
     license_files=["LICENSE"],
     python_requires=">=3.10",
@@ -27,6 +29,10 @@ setup(
             "ruff>=0.5",
         ],
         "lint": ["ruff>=0.5"],
+        # The documentation site: sphinx-build -W --keep-going -b html docs docs/_build/html
+        "docs": ["sphinx>=7.2,<10", "myst-parser>=3,<6", "furo>=2024.1.29"],
+        # mypy, with the settings in pyproject.toml; pytest for ptth_sync.testing's fixture.
+        "typecheck": ["mypy>=2.4,<2.5", "pytest>=7"],
     },
     classifiers=[
         "License :: OSI Approved :: MIT License",
@@ -38,5 +44,6 @@ setup(
         "Programming Language :: Python :: 3.13",
         "Topic :: Internet :: WWW/HTTP :: WSGI :: Server",
         "Topic :: Internet :: Proxy Servers",
+        "Typing :: Typed",
     ],
 )

@@ -13,10 +13,10 @@ With pytest, add ``pytest_plugins = ["ptth_sync.testing"]`` to the root
     def test_foo(ptth_tunnel):
         url = ptth_tunnel(app)
 
-Everything listens on loopback ports chosen by the system: a :class:`Router`
+Everything listens on loopback ports chosen by the system: a :class:`~ptth_sync.Router`
 accepting tunnels, an HTTP/1.1 server for the public side (the router's own
 connection loop, with gunicorn's parser and writer, keep-alive and chunked
-bodies, a thread per client connection) and a :class:`Backend` serving the
+bodies, a thread per client connection) and a :class:`~ptth_sync.Backend` serving the
 application through the tunnel. pytest is needed only for the fixture.
 """
 
@@ -121,7 +121,7 @@ def _join_new_threads(existing: Set[threading.Thread], timeout: float) -> None:
             log.warning("Thread %s still running after the tunnel was closed", thread.name)
 
 
-class _AccessLog(logging.LoggerAdapter):
+class _AccessLog(logging.LoggerAdapter):  # type: ignore[type-arg]  # subscriptable from Python 3.11 only
     """gunicorn's logger interface on ``ptth_sync.testing``; access lines at DEBUG."""
 
     def access(self, resp: Any, req: Any, environ: Dict[str, Any], request_time: timedelta) -> None:

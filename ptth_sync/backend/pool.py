@@ -23,7 +23,7 @@ __all__ = ["ThreadPool"]
 
 log = logging.getLogger("ptth_sync.backend")
 
-Task = Optional[Tuple[Callable[..., None], tuple]]
+Task = Optional[Tuple[Callable[..., object], tuple]]
 
 
 class _Idle:
@@ -57,7 +57,7 @@ class ThreadPool:
             thread.start()
             self._threads.append(thread)
 
-    def submit(self, function: Callable[..., None], *args: object) -> None:
+    def submit(self, function: Callable[..., object], *args: object) -> None:
         self._put((function, args))
 
     def _put(self, task: Task) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from h2.errors import ErrorCodes
 
@@ -91,7 +91,7 @@ class StreamInput:
 
     def readlines(self, hint: int = -1) -> List[bytes]:
         """Read lines until the end, or until about ``hint`` bytes were read."""
-        lines = []
+        lines: List[bytes] = []
         total = 0
         while True:
             line = self.readline()
@@ -178,7 +178,7 @@ class _Response:
             if not data and not end_stream:
                 return
             self.headers_sent = True
-            self.stream.send_response(self.block, bytes(data), end_stream=end_stream)  # type: ignore[arg-type]
+            self.stream.send_response(self.block, bytes(data), end_stream=end_stream)
         elif data or end_stream:
             self.stream.send_data(bytes(data), end_stream=end_stream)
         self.sent += len(data)
@@ -224,7 +224,7 @@ def handle_request(stream: Stream, app: WSGIApp, peer: Optional[Tuple[str, int]]
     return response
 
 
-def _run_app(app: WSGIApp, environ: dict, response: _Response) -> None:
+def _run_app(app: WSGIApp, environ: Dict[str, Any], response: _Response) -> None:
     result = app(environ, response.start)
     try:
         if isinstance(result, (list, tuple)) and response.block is not None:
