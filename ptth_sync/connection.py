@@ -752,12 +752,15 @@ class Connection:
         body: bytes = b"",
         listener: Optional[Callable[[Stream], None]] = None,
         send: bool = True,
+        end_stream: bool = True,
     ) -> Optional[Stream]:
         """Client role, never blocking: open a stream and send a whole request, if it fits now.
 
         ``listener`` becomes the stream's :attr:`~Stream.listener` before the
         peer can answer. With ``send`` False the request is only queued: the
-        caller sends it (with others) by calling :meth:`send_queued`.
+        caller sends it (with others) by calling :meth:`send_queued`. With
+        ``end_stream`` False (and no ``body``) only the headers go: the caller
+        sends the body with :meth:`Stream.try_send`.
         Returns None, having sent nothing, when the peer's concurrent-stream
         limit is reached or ``body`` exceeds the send window. Raises
         :class:`ConnectionClosed` (``request_sent=False``) when the connection
@@ -786,18 +789,51 @@ class Connection:
             stream = Stream(self, stream_id)
             stream.listener = listener
             stream._first_byte_offset = self._queued_bytes
-            h2conn.send_headers(stream_id, headers, end_stream=not total)
-            frame = h2conn.max_outbound_frame_size
-            for pos in range(0, total, frame):
-                last = pos + frame >= total
-                chunk = body if total <= frame else _Payload(memoryview(body)[pos : pos + frame])
-                h2conn.send_data(stream_id, chunk, end_stream=last)
-            stream._local_ended = True
+            h2conn.send_headers(stream_id, headers, end_stream=end_stream and not total)
+            if total:
+                self._send_data_locked(stream_id, body, end_stream)
+            stream._local_ended = end_stream
             self._streams[stream_id] = stream
             self._queue_output()
         if send:
             self._send_without_blocking()
         return stream
+
+    def _send_data_locked(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        """Queue ``data`` (within the window) in frames h2 accepts (lock held)."""
+        h2conn = self._h2
+        total = len(data)
+        if not total:
+            if end_stream:
+                h2conn.end_stream(stream_id)
+            return
+        frame = h2conn.max_outbound_frame_size
+        for pos in range(0, total, frame):
+            last = pos + frame >= total
+            chunk = data if total <= frame else _Payload(memoryview(data)[pos : pos + frame])
+            h2conn.send_data(stream_id, chunk, end_stream=end_stream and last)
+
+    def _try_send(self, stream: Stream, data: bytes, end_stream: bool) -> int:
+        """Queue what of ``data`` the send window allows, without waiting; returns how much."""
+        with self._lock:
+            self._raise_if_failed(stream)
+            if stream._local_ended:
+                raise StreamReset(stream.id, ErrorCodes.STREAM_CLOSED, remote=False)
+            try:
+                size = min(len(data), max(self._h2.local_flow_control_window(stream.id), 0))
+                if size < len(data):
+                    data, end_stream = data[:size], False
+                if size or end_stream:
+                    self._send_data_locked(stream.id, data, end_stream)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
+                error = stream._error or StreamReset(stream.id, ErrorCodes.STREAM_CLOSED, remote=True)
+                stream._error = error
+                raise error from None
+            if end_stream:
+                stream._local_ended = True
+            self._queue_output()
+        self._send_without_blocking()
+        return size
 
     def send_queued(self) -> None:
         """Send what is queued, without blocking: the socket takes what it can, the writer thread the rest."""

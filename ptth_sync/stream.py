@@ -192,6 +192,26 @@ class Stream:
         """Send headers and the first data in one go (one lock hold, one write when the window allows)."""
         self.connection._send(self, headers, data, end_stream, timeout)
 
+    def send_window(self) -> int:
+        """Bytes flow control lets this side send on the stream now (0 once it is closed)."""
+        conn = self.connection
+        with conn._lock:
+            if self._error is not None or conn._error is not None or self._local_ended:
+                return 0
+            try:
+                return conn._h2.local_flow_control_window(self.id)
+            except Exception:  # h2: the stream is closed
+                return 0
+
+    def try_send(self, data: bytes, end_stream: bool = False) -> int:
+        """Without waiting: send what of ``data`` the flow-control window allows; returns how many bytes.
+
+        END_STREAM goes only with the last of ``data``. Bytes the socket does
+        not take at once are left to the connection's writer thread. Raises
+        the stream's or the connection's error.
+        """
+        return self.connection._try_send(self, data, end_stream)
+
     def end(self) -> None:
         """End this side of the stream (an empty DATA frame with END_STREAM)."""
         self.connection._send(self, None, b"", True, None)

@@ -67,7 +67,7 @@ class _Prepared:
 class Proxied:
     """A request :meth:`Router.begin` sent on a tunnel; its response comes through ``stream``."""
 
-    __slots__ = ("code", "done", "prepared", "sent", "started", "stream", "tunnel")
+    __slots__ = ("code", "done", "prepared", "sent", "started", "stream", "streamed", "tunnel")
 
     def __init__(self, prepared: _Prepared, stream: Stream, tunnel: Connection, started: float) -> None:
         self.prepared = prepared
@@ -78,6 +78,8 @@ class Proxied:
         #: Body bytes passed on to the client.
         self.sent = 0
         self.done = False
+        #: The caller streams the request body (it cannot be sent again).
+        self.streamed = False
 
 
 class TunnelBroken(PTTHError):
@@ -516,6 +518,7 @@ class Router:
         start_response: StartResponse,
         listener: Callable[[Stream], None],
         queued: Optional[Set[Connection]] = None,
+        stream_body: bool = False,
     ) -> Union[Proxied, List[bytes], None]:
         """Start proxying a request without blocking, for callers that serve clients from an event loop.
 
@@ -527,13 +530,17 @@ class Router:
         failed): then nothing was sent, and ``__call__`` serves the same
         environ. With a ``queued`` set, the request is only queued on its
         tunnel, which is added to the set: the caller sends it
-        (``send_queued()``).
+        (``send_queued()``). With ``stream_body`` the request's body (of a
+        known length) is not read here: the stream stays open for the caller
+        to send it (:meth:`Stream.try_send`), and such a request is never
+        retried on another tunnel.
         """
         prepared = self._prepare(environ, start_response)
         if not isinstance(prepared, _Prepared):
             return prepared
         body = prepared.body
-        if body.present and (body.length is None or body.length > SMALL_BODY):
+        streamed = stream_body and body.present
+        if body.present and not streamed and (body.length is None or body.length > SMALL_BODY):
             return None
         tunnel = self.pool.choose(exclude=(), wait=0.0, origin=prepared.origin)
         if tunnel is None:
@@ -547,13 +554,14 @@ class Router:
                      header_list_size(headers), limit)
             return self._reply_error(start_response, 431, "Request Header Fields Too Large",
                                      f"the request's headers exceed the backend's limit of {limit} bytes")
-        small = body.read_small() if body.present else None
+        small = body.read_small() if body.present and not streamed else None
         if body.failure is not None:
             return self._reply_client_body_error(environ, start_response, prepared.method, prepared.target, None,
                                                  body)
         started = time.monotonic()
         try:
-            stream = tunnel.try_open_stream(headers, small or b"", listener, send=queued is None)
+            stream = tunnel.try_open_stream(headers, small or b"", listener, send=queued is None,
+                                            end_stream=not streamed)
         except ConnectionClosed:
             stream = None
         if stream is not None and queued is not None:
@@ -563,7 +571,9 @@ class Router:
                 environ["wsgi.input"] = io.BytesIO(small)
             return None
         body.sent = len(small or b"")
-        return Proxied(prepared, stream, tunnel, started)
+        proxied = Proxied(prepared, stream, tunnel, started)
+        proxied.streamed = streamed
+        return proxied
 
     def respond(self, proxied: Proxied, start_response: StartResponse) -> Optional[List[bytes]]:
         """The response headers of a :class:`Proxied` request arrived: pass them to ``start_response``.
@@ -607,7 +617,7 @@ class Router:
         if isinstance(exc, StreamTimeout):
             return self._reply_error(start_response, 504, "Gateway Timeout", "the backend did not answer in time",
                                      proxied.started, prepared.body)
-        if _retryable(exc):
+        if _retryable(exc) and not proxied.streamed:
             log.info("%s %s: retrying (%s)", prepared.method, prepared.target, exc)
             small = prepared.body.read_small() if prepared.body.present else None
             if small is not None:
@@ -617,6 +627,19 @@ class Router:
                     proxied.tunnel.name, exc)
         return self._reply_error(start_response, 502, "Bad Gateway", "the tunnel failed before the response",
                                  proxied.started, prepared.body)
+
+    def client_body_failed(
+        self, proxied: Proxied, environ: Dict[str, Any], start_response: StartResponse
+    ) -> List[bytes]:
+        """A :class:`Proxied` request's client failed to send its body (``body.failure`` says how).
+
+        Its stream is reset (the tunnel is untouched); the answer is a 400, and the connection closes.
+        """
+        proxied.stream.close()
+        proxied.done = True
+        prepared = proxied.prepared
+        return self._reply_client_body_error(environ, start_response, prepared.method, prepared.target,
+                                             proxied.started, prepared.body)
 
     def finished(self, proxied: Proxied, broken: bool = False) -> None:
         """Count a :class:`Proxied` request that is over, and release its stream."""

@@ -36,6 +36,9 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+from ..handshake import looks_like_tls
+from ..sockets import peer_name
+
 __all__ = ["ClientFront", "WaitingClient", "head_complete"]
 
 log = logging.getLogger("ptth_sync.router")
@@ -56,7 +59,8 @@ def head_complete(buffer: Any) -> bool:
 class WaitingClient:
     """A client connection outside any thread: its socket, what it sent so far, and its deadline."""
 
-    __slots__ = ("addr", "buffer", "deadline", "handshaking", "listener", "sock", "started")
+    __slots__ = ("addr", "body_length", "buffer", "deadline", "handshaking", "listener", "need", "sock", "started",
+                 "what")
 
     def __init__(self, sock: Any, addr: Any, listener: Any, buffer: bytes = b"") -> None:
         self.sock = sock
@@ -66,17 +70,36 @@ class WaitingClient:
         self.handshaking = False  # a TLS handshake in progress
         self.started = False  # the request head has begun (its timeout applies, not keep-alive's)
         self.deadline = 0.0
+        #: While a small request body is collected (see ClientFront.collect_body): the bytes the
+        #: buffer must hold, and the request ("POST /path") for the log.
+        self.need = 0
+        self.body_length = 0
+        self.what = ""
+
+    @property
+    def received_body(self) -> int:
+        """While a body is collected: how much of it is here."""
+        return len(self.buffer) - self.need + self.body_length if self.need else 0
 
     @property
     def peer(self) -> str:
         return str(self.addr[0]) if self.addr else "?"
 
 
-class _WhenWritable:
-    __slots__ = ("callback",)
+class SocketWatcher:
+    """Something the front watches a connection's socket for, while no thread has it.
 
-    def __init__(self, callback: Callable[[], None]) -> None:
-        self.callback = callback
+    :meth:`interest` says which of ``selectors.EVENT_READ`` and
+    ``EVENT_WRITE`` it waits for now (0: none); :meth:`on_events` runs in the
+    front's loop when they happen. After a change of interest, from any
+    thread, call :meth:`ClientFront.want_events`.
+    """
+
+    def interest(self) -> int:
+        raise NotImplementedError
+
+    def on_events(self, events: int) -> None:
+        raise NotImplementedError
 
 
 class ClientFront:
@@ -118,7 +141,7 @@ class ClientFront:
         #: Waiting connections, oldest first (a dict keeps insertion order; re-inserted on each return).
         self._waiting: Dict[int, WaitingClient] = {}
         self._returned: Deque[Tuple[WaitingClient, bool]] = collections.deque()
-        self._writable_wanted: Deque[Tuple[Any, Callable[[], None]]] = collections.deque()
+        self._watch_changes: Deque[Tuple[Any, SocketWatcher]] = collections.deque()
         self._lock = threading.Lock()
         #: Client connections open, waiting or with a thread.
         self.connections = 0
@@ -159,19 +182,19 @@ class ClientFront:
             events = self._selector.select(timeout)
         except InterruptedError:
             events = []
-        for key, _ in events:
+        for key, mask in events:
             data = key.data
             if isinstance(data, WaitingClient):
                 self._on_readable(data)
-            elif isinstance(data, _WhenWritable):
-                self._unregister(key.fileobj)
-                data.callback()
+            elif isinstance(data, SocketWatcher):
+                data.on_events(mask)
+                self._watch(key.fileobj, data)
             elif callable(data):
                 data()
             else:
                 self._accept(data)
         self._take_returned()
-        self._take_writable_wanted()
+        self._take_watch_changes()
         self._after_events()
         now = time.monotonic()
         if now >= self._next_sweep:
@@ -186,36 +209,55 @@ class ClientFront:
         if wake:
             self._wake()
 
-    def when_writable(self, sock: Any, callback: Callable[[], None]) -> None:
-        """From any thread: call ``callback`` (in the loop) once ``sock``, held by no thread, can be written."""
+    def want_events(self, sock: Any, watcher: SocketWatcher) -> None:
+        """From any thread: ``watcher``'s interest in ``sock`` changed; the loop follows it."""
         with self._lock:
-            wake = not self._writable_wanted
-            self._writable_wanted.append((sock, callback))
+            wake = not self._watch_changes
+            self._watch_changes.append((sock, watcher))
         if wake:
             self._wake()
 
-    def _take_writable_wanted(self) -> None:
-        if not self._writable_wanted:
+    def collect_body(self, client: WaitingClient, head_length: int, body_length: int, what: str,
+                     timeout: float) -> None:
+        """(In the loop.) ``client``'s head is here and its small body is not: hand it on once the whole
+        body is buffered, or close it after ``timeout`` seconds (logged, with ``what``)."""
+        client.need = head_length + body_length
+        client.body_length = body_length
+        client.what = what
+        client.started = True
+        client.deadline = time.monotonic() + (timeout or self.header_timeout)
+        self._wait(client)
+
+    def _take_watch_changes(self) -> None:
+        if not self._watch_changes:
             return
         with self._lock:
-            wanted, self._writable_wanted = self._writable_wanted, collections.deque()
-        for sock, callback in wanted:
-            try:
-                key = self._selector.get_key(sock)
-            except KeyError:
-                key = None
-            except (ValueError, OSError):  # closed meanwhile: the callback finds out
-                callback()
-                continue
-            try:
-                if key is None:
-                    self._selector.register(sock, selectors.EVENT_WRITE, _WhenWritable(callback))
-                elif isinstance(key.data, _WhenWritable):  # an earlier request's, which is over
-                    self._selector.modify(sock, selectors.EVENT_WRITE, _WhenWritable(callback))
-                else:  # the connection waits for a request again: the asker is over
-                    callback()
-            except (ValueError, OSError):
-                callback()
+            changes, self._watch_changes = self._watch_changes, collections.deque()
+        for sock, watcher in changes:
+            self._watch(sock, watcher)
+
+    def _watch(self, sock: Any, watcher: SocketWatcher) -> None:
+        """Register ``sock`` for what ``watcher`` wants now, or unregister it."""
+        try:
+            key = self._selector.get_key(sock)
+        except KeyError:
+            key = None
+        except (ValueError, OSError):  # closed meanwhile
+            return
+        if key is not None and not isinstance(key.data, SocketWatcher):
+            return  # the connection waits for its next request: that watcher is over
+        events = watcher.interest()
+        try:
+            if key is None:
+                if events:
+                    self._selector.register(sock, events, watcher)
+            elif not events:
+                if key.data is watcher:
+                    self._selector.unregister(sock)
+            elif key.events != events or key.data is not watcher:
+                self._selector.modify(sock, events, watcher)
+        except (ValueError, OSError):  # closed meanwhile: its watcher found out or will
+            pass
 
     def _unregister(self, sock: Any) -> None:
         try:
@@ -277,13 +319,7 @@ class ClientFront:
         except OSError:
             pass
         if self._ssl_context is not None:
-            try:
-                client.sock = self._ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            except (OSError, ValueError):
-                self._forget(client)
-                sock.close()
-                return
-            client.handshaking = True
+            client.handshaking = True  # wrapped in TLS once its first bytes are a TLS record (see _on_readable)
         client.deadline = time.monotonic() + self.header_timeout
         client.started = True
         self._wait(client)
@@ -305,7 +341,31 @@ class ClientFront:
 
     def _on_readable(self, client: WaitingClient) -> None:
         sock = client.sock
-        if client.handshaking:
+        wrong: Optional[Tuple[str, str]] = None  # the client speaks the other protocol: what it did, what to do
+        context = self._ssl_context
+        if client.handshaking and context is not None and not isinstance(sock, ssl.SSLSocket):
+            # The first bytes on a TLS listener, peeked: a TLS record goes to OpenSSL, plain text is answered in kind.
+            try:
+                first = sock.recv(16, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                first = b""
+            if not first:
+                self._drop(client)
+                return
+            if looks_like_tls(first) or first == b"\x16":
+                self._unregister(sock)
+                try:
+                    client.sock = sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                    self._selector.register(sock, selectors.EVENT_READ, client)
+                except (OSError, ValueError):
+                    self._drop(client)
+                    return
+            else:
+                wrong = ("it sent plain HTTP, not TLS, to this HTTPS port: use https://",
+                         "The plain HTTP request was sent to an HTTPS port: use https://")
+        if client.handshaking and wrong is None:
             try:
                 sock.do_handshake()
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -315,7 +375,7 @@ class ClientFront:
                 self._drop(client)
                 return
             client.handshaking = False
-        while True:
+        while wrong is None:
             try:
                 data = sock.recv(65536)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
@@ -324,6 +384,10 @@ class ClientFront:
                 self._drop(client)
                 return
             if not data:
+                if client.need:
+                    log.info("%s: the client closed the connection with %d of the %d bytes of its request "
+                             "body sent", client.what, client.received_body,
+                             client.body_length)
                 self._drop(client)
                 return
             if not client.started:
@@ -331,13 +395,29 @@ class ClientFront:
                 client.deadline = time.monotonic() + self.header_timeout
             previous = len(client.buffer)
             client.buffer += data
+            if previous < 2 and context is None and looks_like_tls(client.buffer):  # a ClientHello, on a plain port
+                wrong = ("it began a TLS handshake on this plain HTTP port: use http:// (or give the router "
+                         "--http-certfile and --http-keyfile)", "This is a plain HTTP port: use http://")
+                break
             window = client.buffer[max(previous - 3, 0) :]
-            if head_complete(window) or len(client.buffer) > self.max_head:
+            if (len(client.buffer) >= client.need if client.need
+                    else head_complete(window) or len(client.buffer) > self.max_head):
                 self._unwait(client)
                 self._handoff(client)
                 return
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 return
+        # Answered in HTTP/1.1, then closed: its text names the fix, its status line tells a backend (TLS or not).
+        done, fix = wrong
+        log.info("Connection from %s refused: %s; a backend dials the router's --tunnels port, not --http",
+                 peer_name(sock), done)
+        body = f"{fix} (a backend dials the router's --tunnels port, not --http).\n".encode()
+        try:
+            sock.send(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        self._drop(client, graceful=True)
 
     def _take_returned(self, closing: bool = False) -> None:
         if not self._returned:
@@ -367,7 +447,11 @@ class ClientFront:
         """Close the connections whose head or keep-alive time is up."""
         for client in list(self._waiting.values()):
             if client.deadline <= now:
-                if client.started:
+                if client.need:
+                    log.info("Closing connection from %s: %s: request body not complete in time (%d of %d bytes)",
+                             client.peer, client.what, client.received_body,
+                             client.body_length)
+                elif client.started:
                     log.info("Closing connection from %s: request head not received within %gs", client.peer,
                              self.header_timeout)
                 self._drop(client)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import selectors
 import socket
 import threading
 import time
@@ -37,7 +38,9 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..errors import StreamTimeout
 from ..sockets import unsent
+from .app import UPLOAD_CHUNK
 from .checks import CLOSE_CONNECTION
+from .front import SocketWatcher
 
 if TYPE_CHECKING:
     from ..stream import Stream
@@ -73,12 +76,13 @@ class ResponseSink:
         return parts
 
 
-class Relay:
+class Relay(SocketWatcher):
     """One request proxied without a thread: its client, its gunicorn objects, its stream.
 
-    The host (the router's worker) provides ``finish(relay, keep)`` and
-    ``want_writable(relay)``; see :meth:`on_stream`, :meth:`on_writable` and
-    :meth:`check`, which may run on different threads (one lock orders them).
+    The host (the router's worker) provides ``finish(relay, keep)``,
+    ``request_done(relay)``, ``retry(relay)`` and ``want_events(relay)``; see
+    :meth:`on_stream`, :meth:`on_events` and :meth:`check`, which may run on
+    different threads (one lock orders them).
     """
 
     def __init__(
@@ -108,7 +112,9 @@ class Relay:
         self._responding = False  # the response headers were handled
         self._ending = False  # the response is complete in _pending
         self._done = False
-        self._waiting_writable = False
+        self._upload_left = 0  # body bytes still to read from the client
+        self._body_out = b""  # body bytes read, waiting for flow-control window
+        self._upload_blocked = False  # waiting for window: the client is not read meanwhile
         #: When the request fails for want of progress (see :meth:`check`).
         self.deadline = time.monotonic() + (timeout or 1e9)
 
@@ -120,20 +126,51 @@ class Relay:
             self._answer(body)
 
     def on_stream(self, stream: Stream) -> None:
-        """The tunnel's reader: something arrived for the stream."""
+        """The tunnel's reader: something arrived for the stream (a response, data, window)."""
         with self._lock:
-            if not self._done and self.proxied is not None:
-                self._advance(stream)
+            if self._done or self.proxied is None:
+                return
+            if self._upload_blocked:
+                self._upload_blocked = False
+                self._upload()
+                if self._done:
+                    return
+                self.host.want_events(self)
+            self._advance(stream)
 
-    def on_writable(self) -> None:
-        """The front: the client's socket has room again."""
+    def start_upload(self, initial: bytes, remaining: int) -> None:
+        """(Lock held.) Stream the request body: ``initial`` (received with the head), then ``remaining`` more.
+
+        The caller then calls ``host.want_events(relay)``.
+        """
+        self._body_out = initial
+        self._upload_left = remaining
+        self._pending += self.sink.take()  # "100 Continue", if the client asked for it
+        self._flush()
+        if not self._done:
+            self._upload()
+
+    def interest(self) -> int:
+        """What the client's socket is watched for: its body (when the tunnel takes it), room to write."""
+        events = 0
+        if not self._done:
+            if self._upload_left and not self._upload_blocked and not self._body_out:
+                events |= selectors.EVENT_READ
+            if self._pending:
+                events |= selectors.EVENT_WRITE
+        return events
+
+    def on_events(self, events: int) -> None:
+        """The front: the client's socket has room, or more of the body."""
         with self._lock:
-            self._waiting_writable = False
             if self._done:
                 return
-            self._flush()
-            if not self._done and self._responding and not self._ending and self.proxied is not None:
-                self._advance(self.proxied.stream)
+            if events & selectors.EVENT_WRITE:
+                self._flush()
+                if not self._done and self._responding and not self._ending and self.proxied is not None:
+                    self._advance(self.proxied.stream)
+            if events & selectors.EVENT_READ and not self._done:
+                self._upload()
 
     def check(self, now: float) -> None:
         """The front, now and then: give up on a request that made no progress for ``timeout`` seconds."""
@@ -143,7 +180,11 @@ class Relay:
             if self._done or now < self.deadline:
                 return
             proxied = self.proxied
-            if proxied is not None and not self._responding:
+            if self._upload_left and not self._upload_blocked and not self._body_out:
+                log.info("Closing connection from %s: no progress for %gs (it stopped sending its body)",
+                         self.client.peer, self.timeout)
+                self._abort(broken=False)
+            elif proxied is not None and not self._responding:
                 self._failed(proxied, StreamTimeout("the backend did not answer in time"))
             elif self._pending:
                 log.info("Closing connection from %s: no progress for %gs (it stopped reading the response)",
@@ -220,9 +261,7 @@ class Relay:
             try:
                 sent = sock.sendmsg(pending[:_IOV_MAX], (), socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                if not self._waiting_writable:
-                    self._waiting_writable = True
-                    self.host.want_writable(self)
+                self.host.want_events(self)
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
@@ -237,8 +276,66 @@ class Relay:
             credit, self._uncredited = self._uncredited, 0
             self.proxied.stream.acknowledge(credit)
 
+    def _upload(self) -> None:
+        """Pass the client's body on as far as the tunnel's window allows, without blocking."""
+        assert self.proxied is not None
+        stream = self.proxied.stream
+        body = self.proxied.prepared.body
+        sock = self.client.sock
+        while True:
+            if self._body_out:
+                try:
+                    sent = stream.try_send(self._body_out, end_stream=not self._upload_left)
+                except Exception:  # the backend stopped the upload (an early response) or the tunnel failed
+                    self._stop_upload()
+                    return
+                body.sent += sent
+                self._body_out = self._body_out[sent:]
+                if self._body_out:
+                    self._upload_blocked = True  # on_stream resumes once the window opens
+                    return
+            if not self._upload_left:
+                return
+            window = stream.send_window()
+            if window <= 0:
+                self._upload_blocked = True
+                return
+            try:
+                data = sock.recv(min(window, self._upload_left, UPLOAD_CHUNK), socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._body_cut_short(body.length - self._upload_left)
+                return
+            self.deadline = time.monotonic() + (self.timeout or 1e9)
+            self._upload_left -= len(data)
+            self._body_out = data
+
+    def _body_cut_short(self, received: int) -> None:
+        """The client closed before its whole body came: its stream is reset, it gets a 400 if it listens."""
+        proxied = self.proxied
+        assert proxied is not None
+        self._stop_upload()
+        if self._responding:
+            self._abort(broken=False)
+            return
+        body = proxied.prepared.body
+        body.failure = f"the client sent {received} of the {body.length} bytes of its Content-Length"
+        self._answer(self.host.wsgi.client_body_failed(proxied, self.environ, self.resp.start_response))
+
+    def _stop_upload(self) -> None:
+        """No more of the body goes to the tunnel; the connection closes after the response."""
+        self._upload_left = 0
+        self._body_out = b""
+        self._upload_blocked = False
+        self.environ[CLOSE_CONNECTION] = True
+
     def _complete(self) -> None:
         self._done = True
+        if self._upload_left or self._body_out:  # answered before the body was all here: it cannot be reused
+            self._stop_upload()
         keep = not self.resp.should_close() and not self.environ.get(CLOSE_CONNECTION)
         self._log()
         self.host.finish(self, keep)

@@ -342,9 +342,19 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         except Exception:
             return False  # a thread parses it again and answers it as gunicorn does
         reader = req.body.reader
-        if (req._expected_100_continue or type(reader) is not LengthReader or reader.length > SMALL_BODY
-                or reader.length > len(parser.unreader.buf.getbuffer())):
-            return False  # a body to wait for or to stream
+        if type(reader) is not LengthReader:
+            return False  # a chunked body: gunicorn's reader decodes it, on a thread
+        length = reader.length
+        buffered = len(parser.unreader.buf.getbuffer())
+        if length > buffered and length <= SMALL_BODY and client.need == 0:
+            # A small body goes out with its headers, in one piece that another tunnel could
+            # take again: it waits in the front until it is all here, as the head did.
+            assert self._front is not None
+            self._front.collect_body(client, len(client.buffer) - buffered, length, f"{req.method} {req.uri}",
+                                     self.wsgi.timeout)
+            return True
+        client.need = 0
+        streamed = length > SMALL_BODY or length > buffered  # else the whole body is here
         self.cfg.pre_request(self, req)
         request_start = datetime.now()
         resp, environ = wsgi.create(req, ResponseSink(), client.addr, self._server_name(client.listener), self.cfg)
@@ -355,7 +365,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             self._relays[id(relay)] = relay
         with relay._lock:
             try:
-                outcome = self.wsgi.begin(environ, resp.start_response, relay.on_stream, self._queued)
+                outcome = self.wsgi.begin(environ, resp.start_response, relay.on_stream, self._queued,
+                                          stream_body=streamed)
             except Exception:
                 self.log.exception("Error handling request %s", req.uri)
                 relay._abort(broken=False)
@@ -365,8 +376,16 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
                 self.retry(relay)
             elif isinstance(outcome, Proxied):
                 relay.proxied = outcome
+                if outcome.streamed:
+                    initial = req.body.read(min(length, buffered))
+                    relay.start_upload(initial, length - len(initial))
             else:
+                if streamed:  # the body is still coming: the connection cannot carry another request
+                    environ[CLOSE_CONNECTION] = True
+                    resp.force_close()
                 relay._answer(outcome)
+        if streamed:
+            self.want_events(relay)
         return True
 
     def _send_queued(self) -> None:
@@ -388,9 +407,9 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             self._relays.pop(id(relay), None)
         self._pool.submit(lambda: self._serve_client(relay.client, relay))
 
-    def want_writable(self, relay: Relay) -> None:
+    def want_events(self, relay: Relay) -> None:
         assert self._front is not None
-        self._front.when_writable(relay.client.sock, relay.on_writable)
+        self._front.want_events(relay.client.sock, relay)
 
     def request_done(self, relay: Relay) -> None:
         """A relayed request is over: the access log and the post_request hook."""
@@ -409,7 +428,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         with self._relays_lock:
             self._relays.pop(id(relay), None)
         client = relay.client
-        if keep and self.alive:
+        streamed = relay.proxied is not None and relay.proxied.streamed
+        if keep and self.alive and not streamed:
             try:
                 while relay.req.body.read(65536):  # what the router did not forward (all of it is here)
                     pass

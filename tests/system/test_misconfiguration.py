@@ -6,13 +6,15 @@ or stops gunicorn as a boot error (3); a router that is down or answers "try lat
 
 from __future__ import annotations
 
+import http.client
 import re
 import socket
+import ssl
 import time
 
 import pytest
 
-from tests.conftest import PYTHON, Process
+from tests.conftest import PYTHON, Process, wait_until
 from tests.system.test_backend_limits import refusing_port, retry_delays
 from tests.system.test_security import certs  # noqa: F401  (the module's certificates fixture)
 from tests.system.test_worker import start_gunicorn
@@ -113,6 +115,52 @@ def test_a_plain_backend_dialling_the_http_port_is_told_to_dial_tunnels(router_p
             r"refused the tunnel: 400 Bad Request; an HTTP server answered, not a tunnel listener: "
             r"if this is the router's HTTP port \(--http\), dial its --tunnels port instead")
     assert time.monotonic() - started < PROMPT
+
+
+#: The backend's line when an HTTP port answered it (the router's --http, plain or HTTPS).
+HTTP_PORT_FIX = (r"an HTTP server answered, not a tunnel listener: "
+                 r"if this is the router's HTTP port \(--http\), dial its --tunnels port instead$")
+
+
+def test_a_tls_backend_dialling_the_plain_http_port_is_told_at_once(router_process, processes, certs):  # noqa: F811
+    router = router_process()
+    started = time.monotonic()
+    refusal(backend(processes, f"{router.http_host}:{router.http_port}", "--tls", "--cafile", certs["ca"]),
+            r"\] Router at 127\.0\.0\.1:\d+ refused the tunnel: it answered in plain HTTP/1\.1, not TLS; "
+            + HTTP_PORT_FIX)
+    assert time.monotonic() - started < PROMPT  # not the router's --header-timeout (10 s)
+    router.wait_for_line(r"\[INFO\] Connection from 127\.0\.0\.1:\d+ refused: it began a TLS handshake on this plain "
+                         r"HTTP port: use http:// \(or give the router --http-certfile and --http-keyfile\); "
+                         r"a backend dials the router's --tunnels port, not --http$")
+    # A browser or curl saying https:// to the plain port fails at once too, not after the header timeout.
+    started = time.monotonic()
+    client = http.client.HTTPSConnection(router.http_host, router.http_port, timeout=PROMPT,
+                                         context=ssl.create_default_context(cafile=certs["ca"]))
+    with pytest.raises(ssl.SSLError):
+        client.request("GET", "/")
+    client.close()
+    assert time.monotonic() - started < 2.0
+    wait_until(lambda: router.count_lines("refused: it began a TLS handshake") == 2, PROMPT, what=router.output())
+    assert router.count_lines("request head not received") == 0
+
+
+@pytest.mark.parametrize("wire", ["plain", "upgrade"])
+def test_a_plain_backend_dialling_the_https_port_is_told_at_once(router_process, processes, certs, wire):  # noqa: F811
+    router = router_process("--http-certfile", certs["server"], "--http-keyfile", certs["server"])
+    extra = ("--token", "tok") if wire == "upgrade" else ()
+    refusal(backend(processes, f"{router.http_host}:{router.http_port}", *extra),
+            r"\] Router at 127\.0\.0\.1:\d+ refused the tunnel: 400 Bad Request; " + HTTP_PORT_FIX)
+    router.wait_for_line(r"\[INFO\] Connection from 127\.0\.0\.1:\d+ refused: it sent plain HTTP, not TLS, to this "
+                         r"HTTPS port: use https://; a backend dials the router's --tunnels port, not --http$")
+    assert router.count_lines("Connection from .* refused") == 1
+    # Plain HTTP from a browser or curl gets the same 400 at once, in words (as nginx's "plain HTTP request ...").
+    client = http.client.HTTPConnection(router.http_host, router.http_port, timeout=PROMPT)
+    client.request("GET", "/")
+    response = client.getresponse()
+    assert response.status == 400
+    assert response.read() == (b"The plain HTTP request was sent to an HTTPS port: use https:// "
+                               b"(a backend dials the router's --tunnels port, not --http).\n")
+    client.close()
 
 
 def test_an_upgrading_backend_dialling_the_http_port_is_told_even_when_an_app_answers(router_process, processes):

@@ -247,3 +247,45 @@ def test_clients_that_stop_reading_cost_a_socket_and_a_window_and_are_closed_aft
     assert peaks[1] - peaks[0] <= STALLED_READERS * STALLED_READER_BYTES // 4
     assert status(worker, "Threads") <= threads_before
     assert router.count_lines("Tunnel removed") == 0
+
+
+def test_slow_heads_uploads_and_readers_all_at_once_cost_no_thread(router_process, backend_process):
+    """The issue's mix, with default settings: 2,000 trickling heads, 200 uploads of a 10 MB body at
+    1 KiB/s, 200 clients that read nothing of a large response, all at once.
+
+    A normal GET is answered within a second throughout; the router's thread
+    count stays put; its memory per slow connection is reported and bounded;
+    when they leave, the threads are what they were and a GET is fast.
+    """
+    router = router_process()
+    # Each slow upload and each stalled download holds a backend thread (its app waits): give it enough.
+    backend_process("tests.apps:multi", router.tunnel_address, "--threads", "512")
+    router.wait_tunnels(1)
+    worker = worker_pid(router.pid)
+    timed_get(router.url)
+    threads_before = status(worker, "Threads")
+    rss_before = status(worker, "VmRSS") * 1024
+    slowest = 0.0
+    host, port = router.http_host, router.http_port
+    with connections(host, port, 2000) as heads, connections(host, port, 200) as uploads, \
+            connections(host, port, 200) as readers:
+        assert (len(heads), len(uploads), len(readers)) == (2000, 200, 200)
+        trickle(uploads, b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+        trickle(readers, b"GET /download?mib=64 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = b"GET /foo HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 64
+        for second in range(6):  # bounded: six rounds at the attackers' pace of a second
+            trickle(heads, head[second : second + 1])
+            trickle(uploads, b"x" * 1024)
+            slowest = max(slowest, timed_get(router.url))
+            time.sleep(1)  # the attackers' pace, not a synchronisation
+        threads_during = status(worker, "Threads")
+        rss_during = status(worker, "VmRSS") * 1024
+    per_connection = (rss_during - rss_before) / 2400
+    print(f"threads {threads_before} before, {threads_during} with 2,400 slow connections; slowest GET "
+          f"{slowest * 1000:.0f} ms; router memory {per_connection / 1024:.0f} KiB per slow connection")
+    assert slowest < 1.0
+    assert threads_during <= threads_before
+    assert per_connection <= 256 * 1024  # (a stalled reader's stream window, spread over all of them)
+    wait_until(lambda: timed_get(router.url) < 1.0, 10, what="a fast GET after the slow clients left")
+    assert status(worker, "Threads") <= threads_before
+    assert router.count_lines("Tunnel removed") == 0
