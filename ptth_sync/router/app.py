@@ -30,7 +30,7 @@ from .metrics import RouterMetrics, merge, opening_failure_reason
 from .opening import PendingTunnels
 from .pool import TunnelPool
 
-__all__ = ["Proxied", "Router"]
+__all__ = ["TUNNELS_FULL", "Proxied", "Router"]
 
 log = logging.getLogger("ptth_sync.router")
 
@@ -47,6 +47,17 @@ UPLOAD_CHUNK = 1024 * 1024
 _NO_BODY_STATUSES = (204, 304)
 #: Tunnel connections that may be opening at once, per accept loop (see opening.py).
 MAX_PENDING_TUNNELS = 256
+
+
+class _Full:
+    """The type of :data:`TUNNELS_FULL`."""
+
+    def __repr__(self) -> str:
+        return "TUNNELS_FULL"
+
+
+#: What :meth:`Router.begin` returns when the tunnel it chose has no stream free.
+TUNNELS_FULL = _Full()
 
 
 class _Prepared:
@@ -519,16 +530,17 @@ class Router:
         listener: Callable[[Stream], None],
         queued: Optional[Set[Connection]] = None,
         stream_body: bool = False,
-    ) -> Union[Proxied, List[bytes], None]:
+    ) -> Union[Proxied, List[bytes], _Full, None]:
         """Start proxying a request without blocking, for callers that serve clients from an event loop.
 
         For a request whose body (if any) is in ``environ["wsgi.input"]``
         already and small. Returns the router's own answer (``start_response``
         called), or a :class:`Proxied` request whose stream calls ``listener``
         as its response arrives (see :meth:`respond`), or None when the request
-        needs a thread (a tunnel to wait for, no stream free, a tunnel that
-        failed): then nothing was sent, and ``__call__`` serves the same
-        environ. With a ``queued`` set, the request is only queued on its
+        needs a thread (a tunnel to wait for, a tunnel that failed), or
+        :data:`TUNNELS_FULL` when the tunnel chosen has no stream free now:
+        then nothing was sent, and ``__call__`` or a later ``begin`` serves
+        the same environ. With a ``queued`` set, the request is only queued on its
         tunnel, which is added to the set: the caller sends it
         (``send_queued()``). With ``stream_body`` the request's body (of a
         known length) is not read here: the stream stays open for the caller
@@ -559,16 +571,20 @@ class Router:
             return self._reply_client_body_error(environ, start_response, prepared.method, prepared.target, None,
                                                  body)
         started = time.monotonic()
+        full = False
         try:
             stream = tunnel.try_open_stream(headers, small or b"", listener, send=queued is None,
                                             end_stream=not streamed)
+            full = stream is None
         except ConnectionClosed:
             stream = None
         if stream is not None and queued is not None:
             queued.add(tunnel)
+        if small is not None and stream is None:  # for __call__ or the next begin: the body again
+            environ["wsgi.input"] = io.BytesIO(small)
+        if full:
+            return TUNNELS_FULL
         if stream is None:
-            if small is not None:  # for __call__: the body again
-                environ["wsgi.input"] = io.BytesIO(small)
             return None
         body.sent = len(small or b"")
         proxied = Proxied(prepared, stream, tunnel, started)
@@ -627,6 +643,11 @@ class Router:
                     proxied.tunnel.name, exc)
         return self._reply_error(start_response, 502, "Bad Gateway", "the tunnel failed before the response",
                                  proxied.started, prepared.body)
+
+    def no_stream_free(self, start_response: StartResponse) -> List[bytes]:
+        """A request waited ``timeout`` seconds for a tunnel with a stream free: 503."""
+        return self._reply_error(start_response, 503, "Service Unavailable",
+                                 "no tunnel had a stream free in time")
 
     def client_body_failed(
         self, proxied: Proxied, environ: Dict[str, Any], start_response: StartResponse

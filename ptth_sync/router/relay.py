@@ -115,6 +115,10 @@ class Relay(SocketWatcher):
         self._upload_left = 0  # body bytes still to read from the client
         self._body_out = b""  # body bytes read, waiting for flow-control window
         self._upload_blocked = False  # waiting for window: the client is not read meanwhile
+        #: The request body: its length, how much arrived with the head, and whether it is streamed.
+        self.body_length = 0
+        self.body_buffered = 0
+        self.streamed = False
         #: When the request fails for want of progress (see :meth:`check`).
         self.deadline = time.monotonic() + (timeout or 1e9)
 
@@ -180,7 +184,13 @@ class Relay(SocketWatcher):
             if self._done or now < self.deadline:
                 return
             proxied = self.proxied
-            if self._upload_left and not self._upload_blocked and not self._body_out:
+            if proxied is None:  # it waited for a stream all this time
+                if self.host.unpark(self):
+                    if self.streamed:  # its body was never read: the connection cannot be reused
+                        self.environ[CLOSE_CONNECTION] = True
+                        self.resp.force_close()
+                    self._answer(self.host.wsgi.no_stream_free(self.resp.start_response))
+            elif self._upload_left and not self._upload_blocked and not self._body_out:
                 log.info("Closing connection from %s: no progress for %gs (it stopped sending its body)",
                          self.client.peer, self.timeout)
                 self._abort(broken=False)

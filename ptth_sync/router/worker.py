@@ -25,6 +25,7 @@ in-process test server of :mod:`ptth_sync.testing`.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import queue
@@ -34,14 +35,14 @@ import ssl
 import threading
 import time
 from datetime import datetime
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Deque, Dict, Optional, Set
 
 from gunicorn import http, sock, util
 from gunicorn.http import wsgi
 from gunicorn.http.body import LengthReader
 
 from ..gunicorn_base import ThreadedWorker
-from .app import SMALL_BODY, Proxied, TunnelBroken
+from .app import SMALL_BODY, TUNNELS_FULL, Proxied, TunnelBroken
 from .checks import CLOSE_CONNECTION
 from .front import ClientFront, WaitingClient, head_complete
 from .limits import descriptor_budget
@@ -290,6 +291,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         self._next_relay_check = 0.0
         #: Tunnels with relayed requests queued but not sent yet (main thread only).
         self._queued: Set[Any] = set()
+        #: Relayed requests waiting for a tunnel with a stream free, oldest first (main thread only).
+        self._parked: Deque[Relay] = collections.deque()
         super().init_process()
 
     def run(self) -> None:
@@ -361,24 +364,39 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         environ["wsgi.multithread"] = True
         self._count_request(resp)
         relay = Relay(self, client, parser, req, resp, environ, request_start, self.wsgi.timeout)
+        relay.body_length, relay.body_buffered, relay.streamed = length, buffered, streamed
         with self._relays_lock:
             self._relays[id(relay)] = relay
+        if self._parked:
+            self._parked.append(relay)  # after those that wait already for a stream
+        else:
+            self._begin(relay)
+        return True
+
+    def _begin(self, relay: Relay) -> None:
+        """(Main thread.) Send a relayed request on a tunnel, answer it, give it to a thread, or park it
+        until a tunnel has a stream free."""
+        environ, resp = relay.environ, relay.resp
+        streamed = relay.streamed
         with relay._lock:
             try:
                 outcome = self.wsgi.begin(environ, resp.start_response, relay.on_stream, self._queued,
                                           stream_body=streamed)
             except Exception:
-                self.log.exception("Error handling request %s", req.uri)
+                self.log.exception("Error handling request %s", relay.req.uri)
                 relay._abort(broken=False)
-                return True
+                return
+            if outcome is TUNNELS_FULL:
+                self._parked.append(relay)
+                return
             if outcome is None:
                 relay._done = True
                 self.retry(relay)
             elif isinstance(outcome, Proxied):
                 relay.proxied = outcome
                 if outcome.streamed:
-                    initial = req.body.read(min(length, buffered))
-                    relay.start_upload(initial, length - len(initial))
+                    initial = relay.req.body.read(min(relay.body_length, relay.body_buffered))
+                    relay.start_upload(initial, relay.body_length - len(initial))
             else:
                 if streamed:  # the body is still coming: the connection cannot carry another request
                     environ[CLOSE_CONNECTION] = True
@@ -386,14 +404,36 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
                 relay._answer(outcome)
         if streamed:
             self.want_events(relay)
-        return True
+
+    def _begin_parked(self) -> None:
+        """(Main thread.) Start the relayed requests that wait for a stream, oldest first, while tunnels take them."""
+        parked = self._parked
+        while parked:
+            relay = parked.popleft()
+            if relay._done:  # timed out meanwhile (see Relay.check)
+                continue
+            self._begin(relay)
+            if parked and parked[-1] is relay:  # still full: it goes back to the head of the line
+                parked.rotate(1)
+                return
 
     def _send_queued(self) -> None:
-        """After a batch of events: send the requests relayed meanwhile, one write per tunnel."""
+        """After a batch of events: start parked requests; send the requests relayed meanwhile, one write per
+        tunnel."""
+        if self._parked:
+            self._begin_parked()
         if self._queued:
             for tunnel in self._queued:
                 tunnel.send_queued()
             self._queued.clear()
+
+    def unpark(self, relay: Relay) -> bool:
+        """(Main thread.) Take a relay out of the line for a stream; False if it was not in it."""
+        try:
+            self._parked.remove(relay)
+        except ValueError:
+            return False
+        return True
 
     def _server_name(self, listener: Any) -> Any:
         name = self._server_names.get(id(listener))
@@ -439,6 +479,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             client.buffer = bytearray(relay.parser.unreader.take_buffered())
         # Closed by the front too, which may be watching the socket for room to write.
         self._front.give_back(client, keep and self.alive)
+        if self._parked:
+            self.wake()  # a stream is free: the loop starts a parked request
 
     def _check_relays(self) -> None:
         now = time.monotonic()

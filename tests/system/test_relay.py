@@ -106,3 +106,26 @@ def test_a_client_that_goes_away_mid_response_resets_only_its_stream(router_proc
     assert timed_get(router.url) < 1.0
     assert router.count_lines("Tunnel removed") == 0
     assert router.count_lines("Traceback") == 0
+
+
+def test_requests_beyond_the_tunnels_streams_wait_in_line_without_a_thread(router_process, backend_process):
+    """A backend of 2 threads takes 2 streams at once (the upgrade wire advertises its threads):
+    40 concurrent requests wait for a stream in the router's line, in order, at the cost of a
+    socket each, and all succeed."""
+    router = router_process("--token", "tok")
+    backend_process("tests.apps:multi", router.tunnel_address, "--threads", "2", "--token", "tok")
+    router.wait_tunnels(1)
+    worker = worker_pid(router.pid)
+    threads = status(worker, "Threads")
+    socks = [socket.create_connection((router.http_host, router.http_port), timeout=20) for _ in range(40)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET /sleep?s=0.05 HTTP/1.1\r\nHost: x\r\n\r\n")
+        threads_during = status(worker, "Threads")
+        answers = [read_responses(sock, ["GET"])[0] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert [(code, body) for code, _, body in answers] == [(200, b"done")] * 40
+    assert threads_during == threads
+    assert status(worker, "Threads") == threads
