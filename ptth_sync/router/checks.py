@@ -66,6 +66,9 @@ def check_request(environ: Dict[str, Any]) -> Optional[Refusal]:
             return Refusal(400, "Bad Request", "an HTTP/1.1 request needs a Host header", [], True)
     elif not _AUTHORITY.match(host):  # (empty is valid: a target without an authority)
         return Refusal(400, "Bad Request", f"invalid Host header {host!r}", [], True)
+    if "ptth" in environ.get("HTTP_UPGRADE", "").lower():  # a backend's tunnel upgrade, on the wrong port
+        return Refusal(400, "Bad Request", "this is the router's HTTP port: a backend dials its --tunnels port",
+                       [], True)
     coding = environ.get("HTTP_TRANSFER_ENCODING")
     if coding is not None and coding.strip().lower() != "chunked":
         return Refusal(501, "Not Implemented", f"transfer coding {coding.strip()!r} is not supported; "

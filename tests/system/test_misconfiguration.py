@@ -7,9 +7,11 @@ or stops gunicorn as a boot error (3); a router that is down or answers "try lat
 from __future__ import annotations
 
 import http.client
+import http.server
 import re
 import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -163,21 +165,47 @@ def test_a_plain_backend_dialling_the_https_port_is_told_at_once(router_process,
     client.close()
 
 
-def test_an_upgrading_backend_dialling_the_http_port_is_told_even_when_an_app_answers(router_process, processes):
+def test_an_upgrading_backend_dialling_the_http_port_is_told_by_the_router_itself(router_process, processes):
     router = router_process()
     backend(processes, router.tunnel_address, app="examples.flask_app:app")
     router.wait_tunnels(1)
-    # The upgrade request is proxied to the application, whose 404 comes back.
+    # The upgrade request is not proxied to the application: the router answers it.
     refusal(backend(processes, f"{router.http_host}:{router.http_port}", "--token", "t"),
-            r"refused the tunnel: 404 Not Found; an HTTP server answered, not a tunnel listener")
+            r"refused the tunnel: 400 Bad Request; an HTTP server answered, not a tunnel listener")
+    assert router.wait_for_line(r"400, this is the router's HTTP port: a backend dials its --tunnels port")
 
 
-def test_a_503_from_the_http_port_is_retried_as_a_proxy_whose_router_is_down_would_answer(router_process, processes):
-    router = router_process()  # no tunnel: its HTTP port answers 503
-    waiting = backend(processes, f"{router.http_host}:{router.http_port}", "--token", "t", "--max-backoff", "0.2")
-    waiting.wait_for_line(r"router answered the upgrade with 503 Service Unavailable \(if this is the router's HTTP "
-                          r"port, dial its --tunnels port\); retrying in .* \(attempt 3\)")
-    assert waiting.proc.poll() is None
+def test_an_upgrading_backend_dialling_the_http_port_of_a_router_with_no_tunnel_is_told_too(router_process, processes):
+    router = router_process()  # no tunnel: any other request would get a 503
+    refusal(backend(processes, f"{router.http_host}:{router.http_port}", "--token", "t"),
+            r"refused the tunnel: 400 Bad Request; an HTTP server answered, not a tunnel listener")
+
+
+class _TryLater(http.server.BaseHTTPRequestHandler):
+    """What a proxy in front of a router that is down answers."""
+
+    def do_GET(self) -> None:
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_503_from_a_proxy_is_retried_as_its_router_may_come_back(processes):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TryLater)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        waiting = backend(processes, f"{host}:{port}", "--token", "t", "--max-backoff", "0.2")
+        waiting.wait_for_line(r"router answered the upgrade with 503 Service Unavailable \(if this is the router's "
+                              r"HTTP port, dial its --tunnels port\); retrying in .* \(attempt 3\)")
+        assert waiting.proc.poll() is None
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_url_given_to_connect_is_refused_at_once(processes):
