@@ -775,7 +775,7 @@ class Connection:
             if limit == 0:
                 msg = "tunnel is draining"
                 raise ConnectionClosed(msg, request_sent=False)
-            if h2conn.open_outbound_streams >= limit:
+            if len(self._streams) >= limit and h2conn.open_outbound_streams >= limit:  # (h2's count walks them all)
                 return None
             total = len(body)
             if total and total > min(h2conn.remote_settings.initial_window_size, h2conn.outbound_flow_control_window):

@@ -34,7 +34,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from ..handshake import looks_like_tls
 from ..sockets import peer_name
@@ -142,6 +142,7 @@ class ClientFront:
         self._waiting: Dict[int, WaitingClient] = {}
         self._returned: Deque[Tuple[WaitingClient, bool]] = collections.deque()
         self._watch_changes: Deque[Tuple[Any, SocketWatcher]] = collections.deque()
+        self._watched: Set[int] = set()  # descriptors registered for a SocketWatcher
         self._lock = threading.Lock()
         #: Client connections open, waiting or with a thread.
         self.connections = 0
@@ -251,15 +252,17 @@ class ClientFront:
             if key is None:
                 if events:
                     self._selector.register(sock, events, watcher)
+                    self._watched.add(sock.fileno())
             elif not events:
                 if key.data is watcher:
-                    self._selector.unregister(sock)
+                    self._unregister(sock)
             elif key.events != events or key.data is not watcher:
                 self._selector.modify(sock, events, watcher)
         except (ValueError, OSError):  # closed meanwhile: its watcher found out or will
             pass
 
     def _unregister(self, sock: Any) -> None:
+        self._watched.discard(sock.fileno())
         try:
             self._selector.unregister(sock)
         except (KeyError, ValueError, OSError):
@@ -435,7 +438,8 @@ class ClientFront:
             except OSError:
                 self._drop(client)
                 continue
-            self._unregister(client.sock)  # it may still be watched for room to write
+            if client.sock.fileno() in self._watched:  # still watched for its last request
+                self._unregister(client.sock)
             client.started = bool(client.buffer)
             client.deadline = now + (self.header_timeout if client.started else self.keepalive)
             if head_complete(client.buffer):
