@@ -601,8 +601,9 @@ class Router:
         stream = proxied.stream
         prepared = proxied.prepared
         try:
-            code, status = response_status(cast(List[Tuple[bytes, bytes]], stream.headers))  # they arrived
-            wsgi_headers = response_headers(cast(List[Tuple[bytes, bytes]], stream.headers))
+            headers = cast("List[Tuple[bytes, bytes]]", stream.headers)  # they arrived (a string: no run-time cost)
+            code, status = response_status(headers)
+            wsgi_headers = response_headers(headers)
         except InvalidHeader as exc:
             log.warning("%s %s: 502, tunnel %s sent a malformed response: %s", prepared.method, prepared.target,
                         proxied.tunnel.name, exc)
