@@ -7,7 +7,7 @@ import logging
 import socket
 import ssl
 import threading
-from typing import List
+from typing import Any, List
 
 import pytest
 from h2.errors import ErrorCodes
@@ -143,24 +143,28 @@ def test_a_wrong_hostname_is_refused_by_the_backend(pem_files, opened):
     assert len(router.pool) == 0
 
 
-def test_mutual_tls_refuses_a_backend_without_a_client_certificate(pem_files, opened, caplog):
-    caplog.set_level(logging.INFO, logger="ptth_sync.router")
-    router = make_router(pem_files, mutual=True)
-    opened[1].append(router)
-    context = client_context(cafile=str(pem_files["ca"]))
+def refusal_of_handshake(router: Router, context: ssl.SSLContext, opened: Any) -> Any:
+    """Dial ``router`` with ``context`` as a backend would: what the backend makes of being refused."""
     sock = socket.create_connection(router.tunnel_address, timeout=5)
     channel = TLSChannel(sock, context, server_side=False, server_hostname="localhost")
     try:
         channel.do_handshake(5)
     except (ssl.SSLError, OSError) as exc:
-        refusal = channel.refusal(exc)  # TLS 1.2 fails in the handshake
-    else:
-        # TLS 1.3: the client finishes first; the router's alert (sent before it closes) ends the session.
-        connection = Connection(channel, client_side=False, on_request=answer)  # type: ignore[arg-type]
-        connection.start()
-        opened[0].append(connection)
-        assert connection.wait_closed(5)
-        refusal = channel.refusal()
+        return channel.refusal(exc)  # TLS 1.2 fails in the handshake
+    # TLS 1.3: the client finishes first; the router's alert (sent before it closes) ends the session.
+    connection = Connection(channel, client_side=False, on_request=answer)  # type: ignore[arg-type]
+    connection.start()
+    opened[0].append(connection)
+    assert connection.wait_closed(5)
+    return channel.refusal()
+
+
+def test_mutual_tls_refuses_a_backend_without_a_client_certificate(pem_files, opened, caplog):
+    caplog.set_level(logging.INFO, logger="ptth_sync.router")
+    router = make_router(pem_files, mutual=True)
+    opened[1].append(router)
+    context = client_context(cafile=str(pem_files["ca"]))
+    refusal = refusal_of_handshake(router, context, opened)
     assert refusal is not None, "the backend was not told why"
     assert "client certificate" in refusal.reason
     assert "--certfile and --keyfile" in refusal.fix
@@ -263,19 +267,8 @@ def test_a_client_certificate_from_another_ca_is_refused_and_both_sides_say_why(
     opened[1].append(router)
     stranger = tmp_path / "stranger.pem"
     trustme.CA().issue_cert("backend-2.example").private_key_and_cert_chain_pem.write_to_path(stranger)
-    sock = socket.create_connection(router.tunnel_address, timeout=5)
-    channel = TLSChannel(sock, client_context(cafile=str(pem_files["ca"]), certfile=str(stranger)),
-                         server_side=False, server_hostname="localhost")
-    try:
-        channel.do_handshake(5)
-    except (ssl.SSLError, OSError) as exc:
-        refusal = channel.refusal(exc)
-    else:
-        connection = Connection(channel, client_side=False, on_request=answer)  # type: ignore[arg-type]
-        connection.start()
-        opened[0].append(connection)
-        assert connection.wait_closed(5)
-        refusal = channel.refusal()
+    refusal = refusal_of_handshake(router, client_context(cafile=str(pem_files["ca"]), certfile=str(stranger)),
+                                   opened)
     assert refusal is not None, "the backend was not told why"
     assert refusal.reason == "it does not trust the client certificate's CA"
     wait_until(lambda: "failed the TLS handshake: the backend's client certificate is not trusted (" in caplog.text,

@@ -15,7 +15,7 @@ import http.client
 import os
 import socket
 import time
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -207,6 +207,20 @@ STALLED_READERS = 200
 STALLED_READER_BYTES = 3 * 1024 * 1024 // 2
 
 
+def slow_clients_router(router_process, backend_process, *options: str) -> Tuple[RouterProcess, int, int, int]:
+    """A router with one backend, and its worker's pid, thread count and RSS (bytes) once it served a GET.
+
+    The backend has threads enough for hundreds of slow uploads and stalled downloads (each holds
+    one there: its app waits for the body, or flow control stops it).
+    """
+    router = router_process(*options)
+    backend_process("tests.apps:multi", router.tunnel_address, "--threads", "512")
+    router.wait_tunnels(1)
+    worker = worker_pid(router.pid)
+    timed_get(router.url)
+    return router, worker, status(worker, "Threads"), status(worker, "VmRSS") * 1024
+
+
 def test_clients_that_stop_reading_cost_a_socket_and_a_window_and_are_closed_after_the_timeout(
     router_process, backend_process
 ):
@@ -218,14 +232,8 @@ def test_clients_that_stop_reading_cost_a_socket_and_a_window_and_are_closed_aft
     --timeout each stalled client is closed with a line; then the memory is
     reused by a second wave instead of growing.
     """
-    router = router_process("--timeout", "2")
-    # Each stalled download holds a backend thread (flow control stops its app): give it enough.
-    backend_process("tests.apps:multi", router.tunnel_address, "--threads", "512")
-    router.wait_tunnels(1)
-    worker = worker_pid(router.pid)
-    timed_get(router.url)
-    threads_before = status(worker, "Threads")
-    rss_before = status(worker, "VmRSS") * 1024
+    router, worker, threads_before, rss_before = slow_clients_router(router_process, backend_process, "--timeout",
+                                                                     "2")
     peaks = []
     for wave in (1, 2):
         with connections(router.http_host, router.http_port, STALLED_READERS) as readers:
@@ -257,14 +265,7 @@ def test_slow_heads_uploads_and_readers_all_at_once_cost_no_thread(router_proces
     count stays put; its memory per slow connection is reported and bounded;
     when they leave, the threads are what they were and a GET is fast.
     """
-    router = router_process()
-    # Each slow upload and each stalled download holds a backend thread (its app waits): give it enough.
-    backend_process("tests.apps:multi", router.tunnel_address, "--threads", "512")
-    router.wait_tunnels(1)
-    worker = worker_pid(router.pid)
-    timed_get(router.url)
-    threads_before = status(worker, "Threads")
-    rss_before = status(worker, "VmRSS") * 1024
+    router, worker, threads_before, rss_before = slow_clients_router(router_process, backend_process)
     slowest = 0.0
     host, port = router.http_host, router.http_port
     with connections(host, port, 2000) as heads, connections(host, port, 200) as uploads, \
