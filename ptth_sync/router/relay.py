@@ -106,12 +106,14 @@ class Relay(SocketWatcher):
         self.request_start = request_start
         self.timeout = timeout
         self.proxied: Optional[Proxied] = None
-        self._lock = threading.Lock()
+        #: Orders the threads that move this request on (the front's, the tunnel reader's).
+        self.lock = threading.Lock()
         self._pending: List[Any] = []  # bytes for the client not sent yet
         self._uncredited = 0  # body bytes taken from the stream whose credit is not returned
         self._responding = False  # the response headers were handled
         self._ending = False  # the response is complete in _pending
-        self._done = False
+        #: The request is over (answered, aborted, or handed to a thread).
+        self.done = False
         self._upload_left = 0  # body bytes still to read from the client
         self._body_out = b""  # body bytes read, waiting for flow-control window
         self._upload_blocked = False  # waiting for window: the client is not read meanwhile
@@ -124,20 +126,15 @@ class Relay(SocketWatcher):
 
     # -- events ---------------------------------------------------------------
 
-    def answer(self, body: List[bytes]) -> None:
-        """The router answered on its own (start_response was called): send it."""
-        with self._lock:
-            self._answer(body)
-
     def on_stream(self, stream: Stream) -> None:
         """The tunnel's reader: something arrived for the stream (a response, data, window)."""
-        with self._lock:
-            if self._done or self.proxied is None:
+        with self.lock:
+            if self.done or self.proxied is None:
                 return
             if self._upload_blocked:
                 self._upload_blocked = False
                 self._upload()
-                if self._done:
+                if self.done:
                     return
                 self.host.want_events(self)
             self._advance(stream)
@@ -151,13 +148,13 @@ class Relay(SocketWatcher):
         self._upload_left = remaining
         self._pending += self.sink.take()  # "100 Continue", if the client asked for it
         self._flush()
-        if not self._done:
+        if not self.done:
             self._upload()
 
     def interest(self) -> int:
         """What the client's socket is watched for: its body (when the tunnel takes it), room to write."""
         events = 0
-        if not self._done:
+        if not self.done:
             if self._upload_left and not self._upload_blocked and not self._body_out:
                 events |= selectors.EVENT_READ
             if self._pending:
@@ -166,22 +163,22 @@ class Relay(SocketWatcher):
 
     def on_events(self, events: int) -> None:
         """The front: the client's socket has room, or more of the body."""
-        with self._lock:
-            if self._done:
+        with self.lock:
+            if self.done:
                 return
             if events & selectors.EVENT_WRITE:
                 self._flush()
-                if not self._done and self._responding and not self._ending and self.proxied is not None:
+                if not self.done and self._responding and not self._ending and self.proxied is not None:
                     self._advance(self.proxied.stream)
-            if events & selectors.EVENT_READ and not self._done:
+            if events & selectors.EVENT_READ and not self.done:
                 self._upload()
 
     def check(self, now: float) -> None:
         """The front, now and then: give up on a request that made no progress for ``timeout`` seconds."""
         if now < self.deadline or not self.timeout:
             return
-        with self._lock:
-            if self._done or now < self.deadline:
+        with self.lock:
+            if self.done or now < self.deadline:
                 return
             proxied = self.proxied
             if proxied is None:  # it waited for a stream all this time
@@ -189,21 +186,21 @@ class Relay(SocketWatcher):
                     if self.streamed:  # its body was never read: the connection cannot be reused
                         self.environ[CLOSE_CONNECTION] = True
                         self.resp.force_close()
-                    self._answer(self.host.wsgi.no_stream_free(self.resp.start_response))
+                    self.answer(self.host.wsgi.no_stream_free(self.resp.start_response))
             elif self._upload_left and not self._upload_blocked and not self._body_out:
                 log.info("Closing connection from %s: no progress for %gs (it stopped sending its body)",
                          self.client.peer, self.timeout)
-                self._abort(broken=False)
+                self.abort(broken=False)
             elif proxied is not None and not self._responding:
                 self._failed(proxied, StreamTimeout("the backend did not answer in time"))
             elif self._pending:
                 log.info("Closing connection from %s: no progress for %gs (it stopped reading the response)",
                          self.client.peer, self.timeout)
-                self._abort(broken=False)
+                self.abort(broken=False)
             else:
                 log.warning("Aborted response to %s %s: the backend sent nothing for %gs", self.req.method,
                             self.req.uri, self.timeout)
-                self._abort(broken=True)
+                self.abort(broken=True)
 
     # -- internals (lock held) ------------------------------------------------------
 
@@ -222,7 +219,7 @@ class Relay(SocketWatcher):
             self.deadline = time.monotonic() + (self.timeout or 1e9)
             body = router.respond(proxied, self.resp.start_response)
             if body is not None:
-                self._answer(body)
+                self.answer(body)
                 return
         while True:
             try:
@@ -231,7 +228,7 @@ class Relay(SocketWatcher):
                 log.warning("stream %d broke after the response started: %s", stream.id, exc)
                 log.warning("Aborted response to %s %s: tunnel failed mid-response: %s", self.req.method,
                             self.req.uri, exc)
-                self._abort(broken=True)
+                self.abort(broken=True)
                 return
             if not pieces and not ended:
                 break
@@ -246,7 +243,8 @@ class Relay(SocketWatcher):
         self._pending += self.sink.take()
         self._flush()
 
-    def _answer(self, body: List[bytes]) -> None:
+    def answer(self, body: List[bytes]) -> None:
+        """(Lock held.) Send a whole response whose start_response was called (the router's own, or a 502)."""
         for item in body:
             self.resp.write(item)
         self.resp.close()
@@ -258,10 +256,10 @@ class Relay(SocketWatcher):
         """The stream failed before the response: an error page, or the request goes to a thread."""
         body = self.host.wsgi.failed(proxied, exc, self.environ, self.resp.start_response)
         if body is None:
-            self._done = True
+            self.done = True
             self.host.retry(self)
             return
-        self._answer(body)
+        self.answer(body)
 
     def _flush(self) -> None:
         """Send what is pending without blocking; finish the request once all of it is out."""
@@ -276,7 +274,7 @@ class Relay(SocketWatcher):
             except OSError as exc:
                 if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
                     log.info("Closing connection from %s: %s", self.client.peer, exc)
-                self._abort(broken=False)
+                self.abort(broken=False)
                 return
             self.deadline = time.monotonic() + (self.timeout or 1e9)
             pending[:] = unsent(pending, sent)
@@ -329,11 +327,11 @@ class Relay(SocketWatcher):
         assert proxied is not None
         self._stop_upload()
         if self._responding:
-            self._abort(broken=False)
+            self.abort(broken=False)
             return
         body = proxied.prepared.body
         body.failure = f"the client sent {received} of the {body.length} bytes of its Content-Length"
-        self._answer(self.host.wsgi.client_body_failed(proxied, self.environ, self.resp.start_response))
+        self.answer(self.host.wsgi.client_body_failed(proxied, self.environ, self.resp.start_response))
 
     def _stop_upload(self) -> None:
         """No more of the body goes to the tunnel; the connection closes after the response."""
@@ -343,16 +341,16 @@ class Relay(SocketWatcher):
         self.environ[CLOSE_CONNECTION] = True
 
     def _complete(self) -> None:
-        self._done = True
+        self.done = True
         if self._upload_left or self._body_out:  # answered before the body was all here: it cannot be reused
             self._stop_upload()
         keep = not self.resp.should_close() and not self.environ.get(CLOSE_CONNECTION)
         self._log()
         self.host.finish(self, keep)
 
-    def _abort(self, broken: bool) -> None:
-        """End the request early: the client's connection is cut (a response never looks complete)."""
-        self._done = True
+    def abort(self, broken: bool) -> None:
+        """(Lock held.) End the request early: the client's connection is cut (a response never looks complete)."""
+        self.done = True
         self._pending = []
         try:
             self.client.sock.shutdown(socket.SHUT_RDWR)

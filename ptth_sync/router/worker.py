@@ -378,19 +378,19 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         until a tunnel has a stream free."""
         environ, resp = relay.environ, relay.resp
         streamed = relay.streamed
-        with relay._lock:
+        with relay.lock:
             try:
                 outcome = self.wsgi.begin(environ, resp.start_response, relay.on_stream, self._queued,
                                           stream_body=streamed)
             except Exception:
                 self.log.exception("Error handling request %s", relay.req.uri)
-                relay._abort(broken=False)
+                relay.abort(broken=False)
                 return
             if outcome is TUNNELS_FULL:
                 self._parked.append(relay)
                 return
             if outcome is None:
-                relay._done = True
+                relay.done = True
                 self.retry(relay)
             elif isinstance(outcome, Proxied):
                 relay.proxied = outcome
@@ -401,7 +401,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
                 if streamed:  # the body is still coming: the connection cannot carry another request
                     environ[CLOSE_CONNECTION] = True
                     resp.force_close()
-                relay._answer(outcome)
+                relay.answer(outcome)
         if streamed:
             self.want_events(relay)
 
@@ -410,7 +410,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         parked = self._parked
         while parked:
             relay = parked.popleft()
-            if relay._done:  # timed out meanwhile (see Relay.check)
+            if relay.done:  # timed out meanwhile (see Relay.check)
                 continue
             self._begin(relay)
             if parked and parked[-1] is relay:  # still full: it goes back to the head of the line
