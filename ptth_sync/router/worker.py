@@ -353,10 +353,17 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             # A small body goes out with its headers, in one piece that another tunnel could
             # take again: it waits in the front until it is all here, as the head did.
             assert self._front is not None
+            if req._expected_100_continue:  # the client waits for this before it sends the body
+                try:
+                    client.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n", socket.MSG_DONTWAIT)
+                except OSError:
+                    pass  # (a client that cannot take 25 bytes sends its body after its own delay)
             self._front.collect_body(client, len(client.buffer) - buffered, length, f"{req.method} {req.uri}",
                                      self.wsgi.timeout)
             return True
-        client.need = 0
+        if client.need:
+            client.need = 0
+            req._expected_100_continue = False  # answered while the body was collected
         streamed = length > SMALL_BODY or length > buffered  # else the whole body is here
         self.cfg.pre_request(self, req)
         request_start = datetime.now()

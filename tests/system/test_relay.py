@@ -129,3 +129,21 @@ def test_requests_beyond_the_tunnels_streams_wait_in_line_without_a_thread(route
     assert [(code, body) for code, _, body in answers] == [(200, b"done")] * 40
     assert threads_during == threads
     assert status(worker, "Threads") == threads
+
+
+def test_a_small_body_behind_expect_100_continue_is_asked_for_once(router_process, backend_process):
+    router = router_process()
+    backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    with socket.create_connection((router.http_host, router.http_port), timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):  # the client sends its body only once asked (timeout=5)
+            interim += sock.recv(1)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"hello")
+        rest = b""
+        while not rest.endswith(b"0\r\n\r\n"):  # the echo comes back chunked
+            rest += sock.recv(65536)
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n")  # and no second 100 Continue
+    assert b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n" in rest
