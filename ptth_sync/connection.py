@@ -713,37 +713,49 @@ class Connection:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while True:
-                if self._error is not None:
-                    raise ConnectionClosed(self._error.reason, request_sent=False)
-                limit = self._h2.remote_settings.max_concurrent_streams
-                if limit == 0:
-                    msg = "tunnel is draining"
-                    raise ConnectionClosed(msg, request_sent=False)
-                if self._h2.open_outbound_streams < limit:
-                    break
+            while not self._stream_free_locked():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     msg = "no stream slot on the tunnel in time"
                     raise StreamTimeout(msg)
                 self._capacity_waiting.wait(self._lock, remaining)
-            try:
-                stream_id = self._h2.get_next_available_stream_id()
-            except h2.exceptions.NoAvailableStreamIDError:
-                msg = "stream IDs exhausted"
-                self._retire_locked(msg)
-                raise ConnectionClosed(msg, request_sent=False) from None
-            stream = Stream(self, stream_id)
-            stream._first_byte_offset = self._queued_bytes
-            try:
-                self._h2.send_headers(stream_id, headers, end_stream=end_stream)
-            except h2.exceptions.TooManyStreamsError:
-                msg = "tunnel is full"
-                raise ConnectionClosed(msg, request_sent=False) from None
-            stream._local_ended = end_stream
-            self._streams[stream_id] = stream
+            stream = self._new_stream_locked(headers, end_stream)
             self._queue_output()
         self._flush()
+        return stream
+
+    def _stream_free_locked(self) -> bool:
+        """Client role (lock held): whether the peer lets us open a stream now.
+
+        Raises :class:`ConnectionClosed` (``request_sent=False``) when the
+        connection is dead or draining.
+        """
+        if self._error is not None:
+            raise ConnectionClosed(self._error.reason, request_sent=False)
+        limit = self._h2.remote_settings.max_concurrent_streams
+        if limit == 0:
+            msg = "tunnel is draining"
+            raise ConnectionClosed(msg, request_sent=False)
+        # Our own count (an upper bound of h2's) first: h2's walks every stream.
+        return len(self._streams) < limit or self._h2.open_outbound_streams < limit
+
+    def _new_stream_locked(self, headers: Sequence[Header], end_stream: bool) -> Stream:
+        """Client role (lock held, a stream free): open a stream with ``headers`` queued."""
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError:
+            msg = "stream IDs exhausted"
+            self._retire_locked(msg)
+            raise ConnectionClosed(msg, request_sent=False) from None
+        stream = Stream(self, stream_id)
+        stream._first_byte_offset = self._queued_bytes
+        try:
+            self._h2.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.TooManyStreamsError:
+            msg = "tunnel is full"
+            raise ConnectionClosed(msg, request_sent=False) from None
+        stream._local_ended = end_stream
+        self._streams[stream_id] = stream
         return stream
 
     def try_open_stream(
@@ -768,32 +780,17 @@ class Connection:
         at once are left to the writer thread.
         """
         h2conn = self._h2
+        total = len(body)
         with self._lock:
-            if self._error is not None:
-                raise ConnectionClosed(self._error.reason, request_sent=False)
-            limit = h2conn.remote_settings.max_concurrent_streams
-            if limit == 0:
-                msg = "tunnel is draining"
-                raise ConnectionClosed(msg, request_sent=False)
-            if len(self._streams) >= limit and h2conn.open_outbound_streams >= limit:  # (h2's count walks them all)
+            if not self._stream_free_locked():
                 return None
-            total = len(body)
             if total and total > min(h2conn.remote_settings.initial_window_size, h2conn.outbound_flow_control_window):
                 return None
-            try:
-                stream_id = h2conn.get_next_available_stream_id()
-            except h2.exceptions.NoAvailableStreamIDError:
-                msg = "stream IDs exhausted"
-                self._retire_locked(msg)
-                raise ConnectionClosed(msg, request_sent=False) from None
-            stream = Stream(self, stream_id)
+            stream = self._new_stream_locked(headers, end_stream and not total)
             stream.listener = listener
-            stream._first_byte_offset = self._queued_bytes
-            h2conn.send_headers(stream_id, headers, end_stream=end_stream and not total)
             if total:
-                self._send_data_locked(stream_id, body, end_stream)
-            stream._local_ended = end_stream
-            self._streams[stream_id] = stream
+                self._send_data_locked(stream.id, body, end_stream)
+                stream._local_ended = end_stream
             self._queue_output()
         if send:
             self._send_without_blocking()

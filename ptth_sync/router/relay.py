@@ -122,7 +122,8 @@ class Relay(SocketWatcher):
         self.body_buffered = 0
         self.streamed = False
         #: When the request fails for want of progress (see :meth:`check`).
-        self.deadline = time.monotonic() + (timeout or 1e9)
+        self.deadline = 0.0
+        self._progressed()
 
     # -- events ---------------------------------------------------------------
 
@@ -155,7 +156,7 @@ class Relay(SocketWatcher):
         """What the client's socket is watched for: its body (when the tunnel takes it), room to write."""
         events = 0
         if not self.done:
-            if self._upload_left and not self._upload_blocked and not self._body_out:
+            if self._awaiting_body:
                 events |= selectors.EVENT_READ
             if self._pending:
                 events |= selectors.EVENT_WRITE
@@ -168,8 +169,9 @@ class Relay(SocketWatcher):
                 return
             if events & selectors.EVENT_WRITE:
                 self._flush()
-                if not self.done and self._responding and not self._ending and self.proxied is not None:
-                    self._advance(self.proxied.stream)
+                proxied = self.proxied
+                if not self.done and self._responding and not self._ending and proxied is not None:
+                    self._advance(proxied.stream)
             if events & selectors.EVENT_READ and not self.done:
                 self._upload()
 
@@ -187,11 +189,11 @@ class Relay(SocketWatcher):
                         self.environ[CLOSE_CONNECTION] = True
                         self.resp.force_close()
                     self.answer(self.host.wsgi.no_stream_free(self.resp.start_response))
-            elif self._upload_left and not self._upload_blocked and not self._body_out:
+            elif self._awaiting_body:
                 log.info("Closing connection from %s: no progress for %gs (it stopped sending its body)",
                          self.client.peer, self.timeout)
                 self.abort(broken=False)
-            elif proxied is not None and not self._responding:
+            elif not self._responding:
                 self._failed(proxied, StreamTimeout("the backend did not answer in time"))
             elif self._pending:
                 log.info("Closing connection from %s: no progress for %gs (it stopped reading the response)",
@@ -203,6 +205,14 @@ class Relay(SocketWatcher):
                 self.abort(broken=True)
 
     # -- internals (lock held) ------------------------------------------------------
+
+    @property
+    def _awaiting_body(self) -> bool:
+        """More of the body is to come from the client, and the tunnel would take it now."""
+        return bool(self._upload_left) and not self._upload_blocked and not self._body_out
+
+    def _progressed(self) -> None:
+        self.deadline = time.monotonic() + (self.timeout or 1e9)
 
     def _advance(self, stream: Stream) -> None:
         proxied = self.proxied
@@ -216,7 +226,7 @@ class Relay(SocketWatcher):
                     self._failed(proxied, exc)
                 return
             self._responding = True
-            self.deadline = time.monotonic() + (self.timeout or 1e9)
+            self._progressed()
             body = router.respond(proxied, self.resp.start_response)
             if body is not None:
                 self.answer(body)
@@ -225,13 +235,12 @@ class Relay(SocketWatcher):
             try:
                 pieces, ended = stream.take_received()
             except Exception as exc:
-                log.warning("stream %d broke after the response started: %s", stream.id, exc)
-                log.warning("Aborted response to %s %s: tunnel failed mid-response: %s", self.req.method,
-                            self.req.uri, exc)
+                log.warning("Aborted response to %s %s: stream %d failed mid-response: %s", self.req.method,
+                            self.req.uri, stream.id, exc)
                 self.abort(broken=True)
                 return
             if not pieces and not ended:
-                break
+                break  # (asked again after pieces: a reset that came with them is seen now, not at --timeout)
             for piece in pieces:
                 self.resp.write(piece)
                 self._uncredited += len(piece)
@@ -276,7 +285,7 @@ class Relay(SocketWatcher):
                     log.info("Closing connection from %s: %s", self.client.peer, exc)
                 self.abort(broken=False)
                 return
-            self.deadline = time.monotonic() + (self.timeout or 1e9)
+            self._progressed()
             pending[:] = unsent(pending, sent)
         if self._ending:
             self._complete()
@@ -317,7 +326,7 @@ class Relay(SocketWatcher):
             if not data:
                 self._body_cut_short(body.length - self._upload_left)
                 return
-            self.deadline = time.monotonic() + (self.timeout or 1e9)
+            self._progressed()
             self._upload_left -= len(data)
             self._body_out = data
 
