@@ -343,42 +343,10 @@ class ClientFront:
         self._unregister(client.sock)
 
     def _on_readable(self, client: WaitingClient) -> None:
+        if client.handshaking and not self._handshake(client):
+            return
         sock = client.sock
-        wrong: Optional[Tuple[str, str]] = None  # the client speaks the other protocol: what it did, what to do
-        context = self._ssl_context
-        if client.handshaking and context is not None and not isinstance(sock, ssl.SSLSocket):
-            # The first bytes on a TLS listener, peeked: a TLS record goes to OpenSSL, plain text is answered in kind.
-            try:
-                first = sock.recv(16, socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                first = b""
-            if not first:
-                self._drop(client)
-                return
-            if looks_like_tls(first) or first == b"\x16":
-                self._unregister(sock)
-                try:
-                    client.sock = sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                    self._selector.register(sock, selectors.EVENT_READ, client)
-                except (OSError, ValueError):
-                    self._drop(client)
-                    return
-            else:
-                wrong = ("it sent plain HTTP, not TLS, to this HTTPS port: use https://",
-                         "The plain HTTP request was sent to an HTTPS port: use https://")
-        if client.handshaking and wrong is None:
-            try:
-                sock.do_handshake()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                return
-            except (ssl.SSLError, OSError) as exc:
-                log.debug("TLS handshake with %s failed: %s", client.peer, exc)
-                self._drop(client)
-                return
-            client.handshaking = False
-        while wrong is None:
+        while True:
             try:
                 data = sock.recv(65536)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
@@ -389,8 +357,7 @@ class ClientFront:
             if not data:
                 if client.need:
                     log.info("%s: the client closed the connection with %d of the %d bytes of its request "
-                             "body sent", client.what, client.received_body,
-                             client.body_length)
+                             "body sent", client.what, client.received_body, client.body_length)
                 self._drop(client)
                 return
             if not client.started:
@@ -398,10 +365,11 @@ class ClientFront:
                 client.deadline = time.monotonic() + self.header_timeout
             previous = len(client.buffer)
             client.buffer += data
-            if previous < 2 and context is None and looks_like_tls(client.buffer):  # a ClientHello, on a plain port
-                wrong = ("it began a TLS handshake on this plain HTTP port: use http:// (or give the router "
-                         "--http-certfile and --http-keyfile)", "This is a plain HTTP port: use http://")
-                break
+            if previous < 2 and self._ssl_context is None and looks_like_tls(client.buffer):
+                self._refuse_other_protocol(client, "it began a TLS handshake on this plain HTTP port: use http:// "
+                                            "(or give the router --http-certfile and --http-keyfile)",
+                                            "This is a plain HTTP port: use http://")
+                return
             window = client.buffer[max(previous - 3, 0) :]
             if (len(client.buffer) >= client.need if client.need
                     else head_complete(window) or len(client.buffer) > self.max_head):
@@ -410,8 +378,51 @@ class ClientFront:
                 return
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 return
-        # Answered in HTTP/1.1, then closed: its text names the fix, its status line tells a backend (TLS or not).
-        done, fix = wrong
+
+    def _handshake(self, client: WaitingClient) -> bool:
+        """Move a TLS client's handshake on; True once it is done (the request may follow)."""
+        sock = client.sock
+        context = self._ssl_context
+        assert context is not None
+        if not isinstance(sock, ssl.SSLSocket):
+            # The first bytes, peeked: a TLS record goes to OpenSSL, plain text is answered in kind.
+            try:
+                first = sock.recv(16, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                first = b""
+            if not first:
+                self._drop(client)
+                return False
+            if not (looks_like_tls(first) or first == b"\x16"):
+                self._refuse_other_protocol(client, "it sent plain HTTP, not TLS, to this HTTPS port: use https://",
+                                            "The plain HTTP request was sent to an HTTPS port: use https://")
+                return False
+            self._unregister(sock)
+            try:
+                client.sock = sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                self._selector.register(sock, selectors.EVENT_READ, client)
+            except (OSError, ValueError):
+                self._drop(client)
+                return False
+        try:
+            sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS handshake with %s failed: %s", client.peer, exc)
+            self._drop(client)
+            return False
+        client.handshaking = False
+        return True
+
+    def _refuse_other_protocol(self, client: WaitingClient, done: str, fix: str) -> None:
+        """The client speaks TLS to a plain port or plain HTTP to a TLS one: answer in plain HTTP/1.1 and close.
+
+        Its text names the fix; its status line tells a backend that dialled the wrong port (TLS or not).
+        """
+        sock = client.sock
         log.info("Connection from %s refused: %s; a backend dials the router's --tunnels port, not --http",
                  peer_name(sock), done)
         body = f"{fix} (a backend dials the router's --tunnels port, not --http).\n".encode()

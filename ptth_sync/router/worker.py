@@ -401,7 +401,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
                 self.retry(relay)
             elif isinstance(outcome, Proxied):
                 relay.proxied = outcome
-                if outcome.streamed:
+                if streamed:
                     initial = relay.req.body.read(min(relay.body_length, relay.body_buffered))
                     relay.start_upload(initial, relay.body_length - len(initial))
             else:
@@ -475,8 +475,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         with self._relays_lock:
             self._relays.pop(id(relay), None)
         client = relay.client
-        streamed = relay.proxied is not None and relay.proxied.streamed
-        if keep and self.alive and not streamed:
+        if keep and self.alive and not relay.streamed:  # (a streamed body was read off the socket, all of it)
             try:
                 while relay.req.body.read(65536):  # what the router did not forward (all of it is here)
                     pass
