@@ -248,6 +248,7 @@ class Relay(SocketWatcher):
             if ended:
                 self.resp.close()
                 self._ending = True
+                self._count()
                 break
         self._pending += self.sink.take()
         self._flush()
@@ -258,8 +259,17 @@ class Relay(SocketWatcher):
             self.resp.write(item)
         self.resp.close()
         self._ending = True
+        self._count()
         self._pending += self.sink.take()
         self._flush()
+
+    def _count(self) -> None:
+        """The response is whole: count it and free its stream before its last bytes go out.
+
+        (A client that has its response may look at the metrics at once.)
+        """
+        if self.proxied is not None:
+            self.host.wsgi.finished(self.proxied)
 
     def _failed(self, proxied: Proxied, exc: Exception) -> None:
         """The stream failed before the response: an error page, or the request goes to a thread."""
