@@ -135,6 +135,30 @@ class _Malformed(h2.exceptions.ProtocolError):
         self.reason = reason
 
 
+class _HeaderBlockFrame:
+    """An outgoing HEADERS or CONTINUATION frame, without hyperframe's frame objects.
+
+    Building a :class:`hyperframe.frame.HeadersFrame` (its flags, padding and
+    priority mixins) cost more than encoding the header block itself;
+    :meth:`_H2Connection._prepare_for_sending` writes this one with a single
+    ``struct.pack``. ``flags`` is a plain set, as h2 only adds to it.
+    """
+
+    __slots__ = ("data", "flags", "stream_id", "type")
+
+    def __init__(self, frame_type: int, stream_id: int, data: bytes) -> None:
+        self.type = frame_type
+        self.stream_id = stream_id
+        self.flags: Set[str] = set()
+        self.data = data
+
+    def serialize(self) -> bytes:
+        flags = self.flags
+        bits = (0x1 if "END_STREAM" in flags else 0) | (0x4 if "END_HEADERS" in flags else 0)
+        size = len(self.data)
+        return _FRAME_HEADER.pack(size >> 8, size & 0xFF, self.type, bits, self.stream_id) + self.data
+
+
 class _H2Stream(h2.stream.H2Stream):
     """h2's stream, with the checks of a received message raising :class:`_Malformed`.
 
@@ -146,6 +170,36 @@ class _H2Stream(h2.stream.H2Stream):
     stays in step) and after the stream's state moved, so resetting the stream
     instead is safe.
     """
+
+    def send_headers(self, headers: Any, encoder: Any, end_stream: bool = False) -> Any:
+        """h2's ``send_headers`` (4.1-4.4) for a request or a final response, with a light frame.
+
+        Our header blocks are bytes, already lower-cased and checked
+        (``ptth_sync.headers``), and h2's outbound validation and normalisation
+        are off; informational responses take h2's own path.
+        """
+        machine = self.state_machine
+        config = self.config
+        if (config.validate_outbound_headers or config.normalize_outbound_headers
+                or (not machine.client and h2.utilities.is_informational_response(headers))):
+            return super().send_headers(headers, encoder, end_stream)
+        machine.process_input(h2.stream.StreamInputs.SEND_HEADERS)
+        block = encoder.encode(headers)
+        size = self.max_outbound_frame_size or len(block) or 1
+        frames = [_HeaderBlockFrame(0x1, self.stream_id, block[:size])]
+        for start in range(size, len(block), size):
+            frames.append(_HeaderBlockFrame(0x9, self.stream_id, block[start : start + size]))
+        frames[-1].flags.add("END_HEADERS")
+        if end_stream:
+            machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            frames[0].flags.add("END_STREAM")
+        if machine.trailers_sent and not end_stream:
+            msg = "Trailers must have END_STREAM set."
+            raise h2.exceptions.ProtocolError(msg)
+        if machine.client and self._authority is None:
+            self._authority = h2.utilities.authority_from_headers(headers)
+        self.request_method = h2.utilities.extract_method_header(headers)
+        return frames
 
     def receive_headers(self, headers: Any, end_stream: bool, header_encoding: Any) -> Any:
         if end_stream and h2.utilities.is_informational_response(headers):
@@ -191,6 +245,9 @@ class _H2Connection(h2.connection.H2Connection):
 
     def _prepare_for_sending(self, frames: List[hyperframe.frame.Frame]) -> None:
         for frame in frames:
+            if type(frame) is _HeaderBlockFrame:
+                self._data_to_send += frame.serialize()
+                continue
             data = frame.data if type(frame) is hyperframe.frame.DataFrame else None
             if data is None or "PADDED" in frame.flags or (len(data) < _DIRECT_DATA and type(data) is bytes):
                 if type(data) is _Payload:

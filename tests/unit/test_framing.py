@@ -77,6 +77,49 @@ def test_data_frames_are_written_exactly_as_stock_h2_writes_them():
     assert ours.streams[1].state_machine.state == stock.streams[1].state_machine.state
 
 
+def engine_config(client_side: bool) -> h2.config.H2Configuration:
+    """The engine's h2 settings: outbound checks off (its header blocks are built and checked already)."""
+    return h2.config.H2Configuration(client_side=client_side, header_encoding=None, validate_outbound_headers=False,
+                                     normalize_outbound_headers=False)
+
+
+def test_header_blocks_are_written_exactly_as_stock_h2_writes_them():
+    stock_client = h2.connection.H2Connection(config=engine_config(True))
+    our_client = _H2Connection(engine_config(True))
+    stock_server = h2.connection.H2Connection(config=engine_config(False))
+    our_server = _H2Connection(engine_config(False))
+    pairs = [(stock_client, stock_server), (our_client, our_server)]
+    for client, server in pairs:
+        client.initiate_connection()  # 16 KiB frames: the large blocks below need CONTINUATION frames
+        server.initiate_connection()
+        for _ in range(3):
+            server.receive_data(wire(client))
+            client.receive_data(wire(server))
+    large = [*REQUEST, (b"x-large", b"v" * 40_000), (b"cookie", b"a=1; b=2")]
+    assert our_client.max_outbound_frame_size == 16384
+    for client, _ in pairs:
+        client.send_headers(1, REQUEST, end_stream=True)
+        client.send_headers(3, large)
+        client.send_headers(3, [(b"x-trailer", b"1")], end_stream=True)
+    requests = [wire(client) for client, _ in pairs]
+    assert requests[1] == requests[0]
+    for (_, server), request in zip(pairs, requests):
+        server.receive_data(request)
+    assert wire(our_server) == wire(stock_server)
+    for _, server in pairs:
+        server.send_headers(1, [(b":status", b"100")])
+        server.send_headers(1, [(b":status", b"200"), (b"x-long", b"w" * 20_000)], end_stream=True)
+        server.send_headers(3, [(b":status", b"204")], end_stream=True)
+    responses = [wire(server) for _, server in pairs]
+    assert responses[1] == responses[0]
+    for stock, ours in ((stock_client, our_client), (stock_server, our_server)):
+        for stream_id in (1, 3):
+            assert ours.streams[stream_id].state_machine.state == stock.streams[stream_id].state_machine.state
+    events = our_client.receive_data(responses[1])
+    assert [type(event).__name__ for event in events] == [
+        "InformationalResponseReceived", "ResponseReceived", "StreamEnded", "ResponseReceived", "StreamEnded"]
+
+
 def test_large_payloads_are_queued_as_the_callers_objects():
     _, ours = handshaken(_H2Connection)
     ours.receive_data(_request_frames())
