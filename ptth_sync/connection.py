@@ -242,6 +242,7 @@ class _H2Connection(h2.connection.H2Connection):
         super().__init__(config=config)
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         self._segments: List[Any] = []  # output ahead of self._data_to_send, in wire order
+        self._opened_since_sweep = 0  # request streams opened since h2 last dropped its closed streams
 
     def _prepare_for_sending(self, frames: List[hyperframe.frame.Frame]) -> None:
         for frame in frames:
@@ -262,6 +263,26 @@ class _H2Connection(h2.connection.H2Connection):
             self._segments.append(_FRAME_HEADER.pack(size >> 8, size & 0xFF, 0x0, flags, frame.stream_id))
             self._segments.append(data.view if type(data) is _Payload else data)
             frame.body_len = size
+
+    def send_headers(self, stream_id: int, headers: Any, end_stream: bool = False, **priority: Any) -> None:
+        """h2's ``send_headers`` (4.1-4.4), without its count of open streams for a new request.
+
+        The engine opens a stream only when its own count of open streams, an
+        upper bound of h2's, is under the peer's limit
+        (:meth:`Connection._stream_free_locked`); h2 counts again by walking
+        every stream it holds, on every request. The walk also forgets closed
+        streams, so it still runs once every ``_SWEEP_EVERY`` new streams.
+        """
+        if priority or not self.config.client_side or stream_id in self.streams:
+            super().send_headers(stream_id, headers, end_stream, **priority)
+            return
+        self._opened_since_sweep += 1
+        if self._opened_since_sweep >= _SWEEP_EVERY:
+            self._opened_since_sweep = 0
+            _ = self.open_outbound_streams  # (a property that drops closed streams as it counts)
+        self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_HEADERS)
+        stream = self._begin_new_stream(stream_id, h2.connection.AllowedStreamIDs.ODD)
+        self._prepare_for_sending(stream.send_headers(headers, self.encoder, end_stream))
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
         if self.config.client_side and not self._stream_id_is_outbound(stream_id):
@@ -493,6 +514,8 @@ def _tune_allocator() -> None:
 
 
 _FRAME_HEADER = struct.Struct(">HBBBL")
+# Client role: h2 drops its closed streams once per this many new streams (_H2Connection.send_headers).
+_SWEEP_EVERY = 64
 # DATA payloads at least this large are written without being copied.
 _DIRECT_DATA = 4096
 # DATA frames at least this large are read on their own (see _FrameBuffer.next_read).

@@ -262,6 +262,57 @@ def test_many_concurrent_streams_share_one_connection():
         server.close()
 
 
+def requests_in_threads(client: Connection, threads: int, each: int) -> None:
+    failures: List[BaseException] = []
+
+    def requests() -> None:
+        try:
+            for _ in range(each):
+                stream = client.open_stream(REQUEST, end_stream=True, timeout=10)
+                stream.wait_headers(10)
+                assert stream.read(-1, 10) == b"ok"
+                stream.close()
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    workers = [threading.Thread(target=requests) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert not failures
+
+
+@pytest.mark.parametrize(("limit", "threads"), [(5, 8), (100, 4)])
+def test_the_peers_stream_limit_holds_and_closed_streams_are_forgotten_over_many_requests(limit, threads):
+    """The client does not count h2's open streams at every request; the peer's limit still holds."""
+    active = []
+    most = [0]
+    lock = threading.Lock()
+
+    def on_request(stream: Stream) -> None:
+        def respond() -> None:
+            with lock:
+                active.append(stream)
+                most[0] = max(most[0], len(active))
+            drain(stream)
+            stream.send_response([(b":status", b"200")], b"ok", end_stream=True)
+            stream.close()
+            with lock:
+                active.remove(stream)
+
+        threading.Thread(target=respond, daemon=True).start()
+
+    client, server = connection_pair(on_request, server_settings=ConnectionSettings(max_concurrent_streams=limit))
+    try:
+        requests_in_threads(client, threads, 200)
+        assert 1 <= most[0] <= min(limit, threads)
+        assert len(client._h2.streams) <= 64 + threads  # closed streams are dropped as they go
+    finally:
+        client.close()
+        server.close()
+
+
 def test_bodies_arrive_intact_whatever_the_piece_sizes_window_and_socket_buffers():
     """Random bytes each way, written and read in pieces of odd sizes, through small windows and buffers.
 
