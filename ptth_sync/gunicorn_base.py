@@ -32,7 +32,7 @@ class ThreadedWorker(base.Worker):
 
     def drain_pipe(self) -> None:
         try:
-            while os.read(self.PIPE[0], 4096):
+            while len(os.read(self.PIPE[0], 4096)) == 4096:  # (less: the pipe is empty now)
                 pass
         except OSError:  # the non-blocking pipe is empty
             return

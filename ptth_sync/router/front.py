@@ -9,6 +9,14 @@ a thread (``handoff``) only with a whole request head in its buffer; the
 thread gives it back (:meth:`ClientFront.give_back`) when no next request
 follows at once.
 
+A connection stays registered in the selector while its request is relayed
+without a thread (``relay.py``), so that the usual keep-alive round costs no
+selector change and no wake-up of the loop: its next request wakes the loop
+by itself. Bytes that arrive while the request is still being answered (a
+pipelined request, or the client closing) only unregister it until it is back.
+A connection that goes to a thread is unregistered first (:meth:`release`):
+the thread owns the socket, and may close it.
+
 What this protects, and how (the guards the thread-per-connection design had,
 and more):
 
@@ -59,8 +67,8 @@ def head_complete(buffer: Any) -> bool:
 class WaitingClient:
     """A client connection outside any thread: its socket, what it sent so far, and its deadline."""
 
-    __slots__ = ("addr", "body_length", "buffer", "deadline", "handshaking", "listener", "need", "sock", "started",
-                 "what")
+    __slots__ = ("addr", "body_length", "buffer", "busy", "deadline", "handshaking", "listener", "need", "sock",
+                 "started", "watched", "what")
 
     def __init__(self, sock: Any, addr: Any, listener: Any, buffer: bytes = b"") -> None:
         self.sock = sock
@@ -68,6 +76,9 @@ class WaitingClient:
         self.listener = listener
         self.buffer = bytearray(buffer)
         self.handshaking = False  # a TLS handshake in progress
+        self.busy = False  # its request is being served (it is not among the waiting connections)
+        #: The selector holds the socket for reading, with this client as its data (changed under the front's lock).
+        self.watched = False
         self.started = False  # the request head has begun (its timeout applies, not keep-alive's)
         self.deadline = 0.0
         #: While a small request body is collected (see ClientFront.collect_body): the bytes the
@@ -141,6 +152,7 @@ class ClientFront:
         #: Waiting connections, oldest first (a dict keeps insertion order; re-inserted on each return).
         self._waiting: Dict[int, WaitingClient] = {}
         self._returned: Deque[Tuple[WaitingClient, bool]] = collections.deque()
+        self._wake_pending = False  # a wake-up for the returned connections is on its way
         self._watch_changes: Deque[Tuple[Any, SocketWatcher]] = collections.deque()
         self._watched: Set[int] = set()  # descriptors registered for a SocketWatcher
         self._lock = threading.Lock()
@@ -183,10 +195,14 @@ class ClientFront:
             events = self._selector.select(timeout)
         except InterruptedError:
             events = []
+        self._take_returned()  # (before their events: a returned connection's next request may be among them)
         for key, mask in events:
             data = key.data
             if isinstance(data, WaitingClient):
-                self._on_readable(data)
+                if data.busy:  # its request is still being answered: what it sends next waits until then
+                    self.release(data)
+                else:
+                    self._on_readable(data)
             elif isinstance(data, SocketWatcher):
                 data.on_events(mask)
                 self._watch(key.fileobj, data)
@@ -203,12 +219,24 @@ class ClientFront:
             self._sweep(now)
 
     def give_back(self, client: WaitingClient, keep: bool = True) -> None:
-        """From any thread: the connection waits for its next request here again (or is closed)."""
+        """From any thread: the connection waits for its next request here again (or is closed).
+
+        A connection still registered for reading needs no wake-up: the loop
+        takes it back at its next turn, and its next request is such a turn.
+        """
         with self._lock:
-            wake = not self._returned  # else a wake-up is on its way already
             self._returned.append((client, keep))
+            wake = not (keep and client.watched and not client.buffer) and not self._wake_pending
+            if wake:
+                self._wake_pending = True
         if wake:
             self._wake()
+
+    def release(self, client: WaitingClient) -> None:
+        """(In the loop.) Stop watching a connection whose request is served elsewhere (a thread may close it)."""
+        with self._lock:
+            client.watched = False
+        self._unregister(client.sock)
 
     def want_events(self, sock: Any, watcher: SocketWatcher) -> None:
         """From any thread: ``watcher``'s interest in ``sock`` changed; the loop follows it."""
@@ -245,9 +273,19 @@ class ClientFront:
             key = None
         except (ValueError, OSError):  # closed meanwhile
             return
-        if key is not None and not isinstance(key.data, SocketWatcher):
-            return  # the connection waits for its next request: that watcher is over
         events = watcher.interest()
+        if key is not None and isinstance(key.data, WaitingClient):
+            client = key.data
+            if not client.busy or not events:
+                return  # it waits for its next request (that watcher is over), or stays as it is meanwhile
+            with self._lock:
+                client.watched = False
+            try:
+                self._selector.modify(sock, events, watcher)
+                self._watched.add(sock.fileno())
+            except (ValueError, OSError):  # closed meanwhile: its watcher found out or will
+                pass
+            return
         try:
             if key is None:
                 if events:
@@ -333,13 +371,26 @@ class ClientFront:
 
     def _wait(self, client: WaitingClient) -> None:
         self._waiting[id(client)] = client
+        client.busy = False
+        if client.watched:
+            return
+        sock = client.sock
         try:
-            self._selector.register(client.sock, selectors.EVENT_READ, client)
-        except (ValueError, OSError):  # closed meanwhile
+            if sock.fileno() in self._watched:  # still watched for its last request: one change, not two
+                self._watched.discard(sock.fileno())
+                self._selector.modify(sock, selectors.EVENT_READ, client)
+            else:
+                self._selector.register(sock, selectors.EVENT_READ, client)
+        except (KeyError, ValueError, OSError):  # closed meanwhile
             self._drop(client)
+            return
+        with self._lock:
+            client.watched = True
 
     def _unwait(self, client: WaitingClient) -> None:
         self._waiting.pop(id(client), None)
+        with self._lock:
+            client.watched = False
         self._unregister(client.sock)
 
     def _on_readable(self, client: WaitingClient) -> None:
@@ -373,7 +424,9 @@ class ClientFront:
             window = client.buffer[max(previous - 3, 0) :]
             if (len(client.buffer) >= client.need if client.need
                     else head_complete(window) or len(client.buffer) > self.max_head):
-                self._unwait(client)
+                # Still registered: see release (a thread) and give_back (back from a relay).
+                self._waiting.pop(id(client), None)
+                client.busy = True
                 self._handoff(client)
                 return
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
@@ -402,7 +455,7 @@ class ClientFront:
             self._unregister(sock)
             try:
                 client.sock = sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                self._selector.register(sock, selectors.EVENT_READ, client)
+                self._selector.register(sock, selectors.EVENT_READ, client)  # (client.watched stays True)
             except (OSError, ValueError):
                 self._drop(client)
                 return False
@@ -438,6 +491,7 @@ class ClientFront:
             return
         with self._lock:
             returned, self._returned = self._returned, collections.deque()
+            self._wake_pending = False
         now = time.monotonic()
         for client, keep in returned:
             if not keep or closing:
@@ -449,11 +503,10 @@ class ClientFront:
             except OSError:
                 self._drop(client)
                 continue
-            if client.sock.fileno() in self._watched:  # still watched for its last request
-                self._unregister(client.sock)
             client.started = bool(client.buffer)
             client.deadline = now + (self.header_timeout if client.started else self.keepalive)
             if head_complete(client.buffer):
+                client.busy = True
                 self._handoff(client)  # pipelined: here already
             else:
                 self._wait(client)

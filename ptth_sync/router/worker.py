@@ -35,7 +35,7 @@ import ssl
 import threading
 import time
 from datetime import datetime
-from typing import Any, Callable, Deque, Dict, Optional, Set
+from typing import Any, Callable, Deque, Dict, List, Optional, Set
 
 from gunicorn import http, sock, util
 from gunicorn.http import wsgi
@@ -293,6 +293,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         self._queued: Set[Any] = set()
         #: Relayed requests waiting for a tunnel with a stream free, oldest first (main thread only).
         self._parked: Deque[Relay] = collections.deque()
+        #: Relayed requests that need a thread after all, found so on a tunnel's reader (under _relays_lock).
+        self._retries: List[Relay] = []
         super().init_process()
 
     def run(self) -> None:
@@ -330,7 +332,13 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
 
     def _handoff(self, client: WaitingClient) -> None:
         if not (self.relay_requests and self._relay(client)):
-            self._pool.submit(lambda: self._serve_client(client))
+            self._to_thread(client)
+
+    def _to_thread(self, client: WaitingClient, begun: Optional[Relay] = None) -> None:
+        """(Main thread.) A thread serves the connection: the front stops watching it first."""
+        assert self._front is not None
+        self._front.release(client)
+        self._pool.submit(lambda: self._serve_client(client, begun))
 
     # -- requests without a thread (see relay.py) --------------------------------
 
@@ -426,7 +434,12 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
 
     def _send_queued(self) -> None:
         """After a batch of events: start parked requests; send the requests relayed meanwhile, one write per
-        tunnel."""
+        tunnel; give threads the requests that need one after all."""
+        if self._retries:
+            with self._relays_lock:
+                retries, self._retries = self._retries, []
+            for relay in retries:
+                self._to_thread(relay.client, relay)
         if self._parked:
             self._begin_parked()
         if self._queued:
@@ -452,7 +465,13 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         """A relayed request needs a thread after all (a tunnel to wait for, another tunnel to try)."""
         with self._relays_lock:
             self._relays.pop(id(relay), None)
-        self._pool.submit(lambda: self._serve_client(relay.client, relay))
+            if threading.current_thread() is not threading.main_thread():
+                self._retries.append(relay)  # the main loop hands it over (see _send_queued)
+                relay = None
+        if relay is None:
+            self.wake()
+        else:
+            self._to_thread(relay.client, relay)
 
     def want_events(self, relay: Relay) -> None:
         assert self._front is not None

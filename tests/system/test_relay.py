@@ -75,6 +75,72 @@ def test_pipelined_keep_alive_requests_are_answered_in_order_without_a_thread(ro
     assert router.count_lines("Tunnel removed") == 0
 
 
+def test_a_request_sent_while_the_last_response_is_still_coming_is_answered_after_it(
+    router_process, backend_process
+):
+    """The connection stays in the router's selector while its request is relayed; bytes that come meanwhile
+    wait until the response is complete, then are served."""
+    router = router_process()
+    backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    expected = hashlib.sha256(bytes(range(256)) * 1024 * 12).hexdigest()
+    with socket.create_connection((router.http_host, router.http_port), timeout=10) as sock:
+        for _ in range(5):
+            sock.sendall(b"GET /download?mib=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = sock.recv(65536)  # the response has begun: the next request arrives mid-response
+            assert head.startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /foo HTTP/1.1\r\nHost: x\r\n\r\n")
+            connection = _Connection(sock)
+            connection.reader = _Reader(_Prefixed(head, socket.SocketIO(sock, "rb")))
+            answers = []
+            for _ in range(2):
+                response = http.client.HTTPResponse(connection, method="GET")  # type: ignore[arg-type]
+                response.begin()
+                answers.append(response.read())
+            assert hashlib.sha256(answers[0]).hexdigest() == expected
+            assert answers[1] == b"bar"
+    assert router.count_lines("Traceback") == 0
+
+
+def test_connections_that_pass_between_threads_and_the_selector_are_closed_cleanly(router_process, backend_process):
+    """A relayed request, then a chunked upload (a thread serves it and closes the connection): 100 times in a
+    row, the descriptors the threads closed are reused by new connections without a hitch."""
+    router = router_process()
+    backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    for _ in range(100):
+        with socket.create_connection((router.http_host, router.http_port), timeout=10) as sock:
+            sock.sendall(b"GET /foo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_responses(sock, ["GET"])[0][2] == b"bar"
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                         b"5\r\nhello\r\n0\r\n\r\n")
+            code, _, body = read_responses(sock, ["POST"])[0]
+            assert (code, body) == (200, b"hello")
+            assert sock.recv(1) == b""  # closed by the router after the response
+    assert timed_get(router.url) < 1.0
+    assert router.count_lines("Traceback") == 0
+    assert router.count_lines("Error") == 0
+
+
+class _Prefixed(io.RawIOBase):
+    """A raw stream that yields ``prefix`` first, then what ``raw`` reads."""
+
+    def __init__(self, prefix: bytes, raw: Any) -> None:
+        self.prefix = prefix
+        self.raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.prefix:
+            size = min(len(buffer), len(self.prefix))
+            buffer[:size] = self.prefix[:size]
+            self.prefix = self.prefix[size:]
+            return size
+        return self.raw.readinto(buffer)
+
+
 def test_a_backend_that_does_not_answer_in_time_gets_the_client_a_504(router_process, backend_process):
     router = router_process("--timeout", "1")
     backend_process("tests.apps:multi", router.tunnel_address)
