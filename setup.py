@@ -29,6 +29,9 @@ setup(
             "ruff>=0.5",
         ],
         "lint": ["ruff>=0.5"],
+        # Optional speed-up: gunicorn's C parser for HTTP/1.1 request heads, used by gunicorn itself
+        # when installed (its http_parser setting, "auto" by default); see docs/performance.md.
+        "fast": ["gunicorn_h1c>=0.4.1"],
         # The documentation site: sphinx-build -W --keep-going -b html docs docs/_build/html
         "docs": ["sphinx>=7.2,<10", "myst-parser>=3,<6", "furo>=2024.1.29"],
         # mypy, with the settings in pyproject.toml; pytest for ptth_sync.testing's fixture.
