@@ -408,12 +408,14 @@ def start_direct(procs: Processes, app: str, ready_path: str) -> Endpoint:
 
 #: Router processes (``--router-workers``); the tunnel path's backend then keeps as many tunnels.
 ROUTER_WORKERS = 1
+#: More options for the router (``--router-option``, e.g. ``--cpu-affinity=auto``).
+ROUTER_OPTIONS: List[str] = []
 
 
 def start_router(procs: Processes, name: str = "router", workers: int = 1) -> RouterHandle:
     """A router with no tunnel yet; ready when its worker answers HTTP (a 503, without tunnels)."""
     argv = python_module("ptth_sync.router", "--tunnels", f"{HOST}:0", "--http", f"{HOST}:0",
-                         "--workers", str(workers))
+                         "--workers", str(workers), *ROUTER_OPTIONS)
     service = procs.start(name, argv)
     tunnels = service.wait_for(re.compile(r"Listening for reverse tunnels on tcp://(\S+)"))[0].group(1)
     http_url = service.wait_for(re.compile(r"Listening for HTTP traffic on (http://\S+)"))[0].group(1)
@@ -1012,12 +1014,13 @@ def throughput_section(data: Dict[str, Any]) -> str:
         ])
     headers = ["conc", "a req/s", "a p50 ms", "a p99 ms", "b req/s", "b p50 ms", "b p99 ms", "b/a req/s",
                "a CPU us/req", "router us/req", "backend us/req", "router/a", "errors"]
+    options = "".join(f" {option}" for option in ROUTER_OPTIONS)
     return "\n".join([
         f"== 1. Throughput and latency: hello world, {data['duration_s']} s x {data['rounds']} round(s), "
         f"median of rounds ==",
         f"load generator: {gen['name']} ({gen['version']}): {gen['note']}",
         "a = direct gunicorn gthread (1 worker, 16 threads); b = ptth_sync router "
-        f"({ROUTER_WORKERS} process(es)) + 1 backend (16 threads, {ROUTER_WORKERS} tunnel(s))",
+        f"({ROUTER_WORKERS} process(es){options}) + 1 backend (16 threads, {ROUTER_WORKERS} tunnel(s))",
         table(headers, rows),
     ])
 
@@ -1181,6 +1184,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="fast sanity run: --duration 2 --rounds 1")
     parser.add_argument("--router-workers", type=positive_int, default=1, metavar="N",
                         help="router processes for the tunnel path; its backend keeps N tunnels (default: 1)")
+    parser.add_argument("--router-option", action="append", default=[], metavar="OPTION",
+                        help="pass OPTION to the tunnel path's router, e.g. --router-option=--cpu-affinity=auto "
+                             "(repeatable)")
     parser.add_argument("--generator", choices=["auto", "wrk", "h2load", "python"], default="auto",
                         help="load generator (default: wrk, else h2load, else the built-in Python client)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="FILE",
@@ -1204,8 +1210,9 @@ def raise_system_exit(signum: int, _frame: Any) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    global ROUTER_WORKERS
+    global ROUTER_WORKERS, ROUTER_OPTIONS
     ROUTER_WORKERS = args.router_workers
+    ROUTER_OPTIONS = list(args.router_option)
     duration = args.duration or (2 if args.quick else 5)
     rounds = args.rounds or (1 if args.quick else 3)
     output: Path = args.output.resolve()
@@ -1225,7 +1232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "settings": {
             "duration_s": duration, "rounds": rounds, "concurrency": args.concurrency,
             "idle_tunnels": args.idle_tunnels, "warmup_s": WARMUP_S, "body_mib": BODY_MIB,
-            "router_workers": ROUTER_WORKERS,
+            "router_workers": ROUTER_WORKERS, "router_options": ROUTER_OPTIONS,
         },
     }
     run_phase(results, "throughput", lambda: run_throughput(generator, args.concurrency, duration, rounds, log_dir))

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write gunicorn's access log to FILE ('-' for stdout)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="(default: %(default)s)")
+    parser.add_argument("--cpu-affinity", default="none", choices=["none", "auto"],
+                        help="auto: bind each worker process to one CPU, the k-th worker to the k-th CPU, as "
+                             "nginx's worker_cpu_affinity auto (faster: see the docs' Performance page); "
+                             "none: let the kernel move them (default: %(default)s)")
     return parser
 
 
@@ -242,7 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # gunicorn takes over the listener bound above (and closes this descriptor once it has its own).
         "bind": [f"fd://{http_listener.detach()}"],
         "workers": args.workers,
-        "worker_class": type("RouterWorker", (RouterWorker,), {"header_timeout": args.header_timeout}),
+        "worker_class": type("RouterWorker", (RouterWorker,), {"header_timeout": args.header_timeout,
+                                                               "cpu_affinity": args.cpu_affinity == "auto"}),
         "threads": args.threads,
         "keepalive": max(int(args.keep_alive), 1),
         # gunicorn's timeout bounds each read or write on a client socket in the worker (and the

@@ -105,3 +105,34 @@ def test_sighup_replaces_the_router_worker_and_backends_redial_into_the_new_one(
                what=f"the tunnel in the new worker:\n{router.output()}")
     assert "accepting a tunnel failed" not in router.output()
     assert hammer(router.url, clients=2, each=5) == [(200, b"bar")] * 10
+
+
+def test_cpu_affinity_auto_binds_each_worker_and_its_threads_to_a_cpu_of_its_own(router_process, backend_process):
+    cpus = sorted(os.sched_getaffinity(0))
+    router = router_process("--workers", "2", "--cpu-affinity", "auto")
+    backend_process("tests.apps:hello", router.tunnel_address, "--tunnels", "4")
+    router.wait_tunnels(4)
+    assert hammer(router.url, clients=4, each=10) == [(200, b"bar")] * 40
+    bound: Dict[int, int] = {}
+    for line in router.lines:
+        match = re.search(r"Worker (\d+) bound to CPU (\d+)", line)
+        if match:
+            bound[int(match.group(1))] = int(match.group(2))
+    assert len(bound) == 2, router.output()
+    assert sorted(bound.values()) == sorted(cpus[index % len(cpus)] for index in range(2))
+    for pid, cpu in bound.items():
+        for thread in os.listdir(f"/proc/{pid}/task"):  # the reader, writer and pool threads too
+            assert os.sched_getaffinity(int(thread)) == {cpu}
+
+
+def test_workers_are_not_bound_to_a_cpu_by_default(router_process):
+    router = router_process("--workers", "2")
+
+    def workers() -> List[int]:
+        with open(f"/proc/{router.pid}/task/{router.pid}/children", encoding="ascii") as file:
+            return [int(pid) for pid in file.read().split()]
+
+    pids = wait_until(lambda: len(workers()) == 2 and workers(), 10, what="the router's two workers")
+    for pid in pids:
+        assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+    assert router.count_lines("bound to CPU") == 0
