@@ -1,11 +1,13 @@
-"""A Flask app to serve through a tunnel.
+"""A Flask app to serve through a tunnel, with a WebSocket (flask-sock) as under gunicorn's gthread.
 
     python -m ptth_sync.backend examples.flask_app:app
 """
 
 from flask import Flask, request
+from flask_sock import Sock
 
 app = Flask(__name__)
+sock = Sock(app)
 
 
 @app.get("/foo")
@@ -27,3 +29,10 @@ def whoami():
         "path": request.path,
         "args": request.args.to_dict(flat=False),
     }
+
+
+@sock.route("/ws")
+def echo_websocket(ws):
+    """A WebSocket that sends every message back: ``ws://ROUTER/ws``."""
+    while True:
+        ws.send(ws.receive())

@@ -564,6 +564,9 @@ class ConnectionSettings:
     #: request head, so that an HTTP/1.1 server dialled by mistake answers at once
     #: (as the client preface makes it do) instead of waiting for a request.
     http1_probe: bool = False
+    #: Server role: announce SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 8441): the peer may open
+    #: WebSockets as extended CONNECT streams.
+    enable_connect_protocol: bool = False
 
 
 class Connection:
@@ -681,6 +684,8 @@ class Connection:
         }
         if self.client_side:
             local[SettingCodes.ENABLE_PUSH] = 0
+        elif s.enable_connect_protocol:
+            local[SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
         with self._lock:
             self._h2.initiate_connection()
             self._h2.update_settings(local)
@@ -718,6 +723,11 @@ class Connection:
     def accepting_streams(self) -> bool:
         """Client role: alive, ready, and the peer has not announced a drain."""
         return self.ready and self._h2.remote_settings.max_concurrent_streams > 0
+
+    @property
+    def peer_enables_connect_protocol(self) -> bool:
+        """Client role: the peer announced SETTINGS_ENABLE_CONNECT_PROTOCOL (it takes WebSockets, RFC 8441)."""
+        return self._h2.remote_settings.enable_connect_protocol == 1
 
     @property
     def peer_max_header_list_size(self) -> Optional[int]:

@@ -16,8 +16,8 @@ With pytest, add ``pytest_plugins = ["ptth_sync.testing"]`` to the root
 Everything listens on loopback ports chosen by the system: a :class:`~ptth_sync.Router`
 accepting tunnels, an HTTP/1.1 server for the public side (the router's own
 connection loop, with gunicorn's parser and writer, keep-alive and chunked
-bodies, a thread per client connection) and a :class:`~ptth_sync.Backend` serving the
-application through the tunnel. pytest is needed only for the fixture.
+bodies, WebSockets, a thread per client connection) and a :class:`~ptth_sync.Backend`
+serving the application through the tunnel. pytest is needed only for the fixture.
 """
 
 from __future__ import annotations

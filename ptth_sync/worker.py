@@ -190,11 +190,13 @@ class TunnelRequest:
         self.method = self.uri = self.scheme = self.fragment = ""
         self.version = (1, 1)  # the environ's SERVER_PROTOCOL: the router speaks HTTP/1.1 to clients
         self.headers: List[Tuple[str, str]] = []
-        authority = ""
+        authority = protocol = ""
         for name, value in header_block:
             text = value.decode("latin-1")
             if name == b":method":
                 self.method = text
+            elif name == b":protocol":
+                protocol = text
             elif name == b":path":
                 self.uri = text
             elif name == b":scheme":
@@ -205,6 +207,9 @@ class TunnelRequest:
                 self.headers.append((name.decode("latin-1").upper(), text))
         if authority and not any(name == "HOST" for name, _ in self.headers):
             self.headers.insert(0, ("HOST", authority))
+        if protocol:  # a WebSocket (RFC 8441), as the application sees it: a GET with Upgrade
+            self.method = "GET"
+            self.headers += [("UPGRADE", protocol), ("CONNECTION", "Upgrade")]
         self.path, _, self.query = self.uri.partition("?")
 
     def __repr__(self) -> str:

@@ -27,7 +27,9 @@ from ..connection import Connection, ConnectionSettings, Stream
 from ..handshake import HandshakeFailed, HandshakeRefused, dial_upgrade, goaway_refusal, wrong_answer_refusal
 from ..origins import ANY, normalize_origin
 from ..tls import TLSChannel
+from ..websocket import going_away_delay
 from .pool import ThreadPool
+from .websocket import close_websockets
 from .wsgi import WSGIApp, handle_request
 
 __all__ = ["Backend", "serve_wsgi"]
@@ -178,7 +180,8 @@ class Backend:
         self.request_handler = request_handler or self._handle_request
         #: The tunnels' settings on the PTTH upgrade wire, and on the plain wire.
         self.settings = ConnectionSettings(
-            max_concurrent_streams=threads, ping_interval=ping_interval, ping_timeout=ping_timeout
+            max_concurrent_streams=threads, ping_interval=ping_interval, ping_timeout=ping_timeout,
+            enable_connect_protocol=True,  # WebSockets (see backend/websocket.py)
         )
         # Up to 250 requests may wait there, each buffering up to its stream
         # window of body: a smaller window keeps that bounded (64 MiB a tunnel).
@@ -306,7 +309,8 @@ class Backend:
         """
         self._stopping.set()
         connections = self.connections
-        deadline = time.monotonic() + max(graceful_timeout, 0.0)
+        started = time.monotonic()
+        deadline = started + max(graceful_timeout, 0.0)
         results: List[bool] = []
         drainers = [
             threading.Thread(target=lambda c=c: results.append(c.drain(max(deadline - time.monotonic(), 0.0))))
@@ -314,6 +318,14 @@ class Backend:
         ]
         for thread in drainers:
             thread.start()
+        # A WebSocket does not end by itself: the ones still open are closed just before the deadline.
+        websockets_at = started + going_away_delay(max(graceful_timeout, 0.0))
+        for thread in drainers:
+            thread.join(max(websockets_at - time.monotonic(), 0.0))
+        if any(thread.is_alive() for thread in drainers):
+            closed = close_websockets(connections)
+            if closed:
+                log.info("Closing %d WebSocket(s) still open at the graceful timeout", closed)
         for thread in drainers:
             thread.join()
         with self._lock:

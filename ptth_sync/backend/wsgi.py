@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from h2.errors import ErrorCodes
 
@@ -12,7 +12,7 @@ from ..connection import Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset
 from ..headers import InvalidHeader, build_environ, encode_response_headers
 
-__all__ = ["StreamInput", "handle_request"]
+__all__ = ["StreamInput", "handle_request", "is_websocket_request"]
 
 log = logging.getLogger("ptth_sync.backend")
 
@@ -203,6 +203,10 @@ def handle_request(stream: Stream, app: WSGIApp, peer: Optional[Tuple[str, int]]
     response state (``status``, ``headers``, ``sent``) for an access log.
     """
     headers = stream.headers or []
+    if is_websocket_request(headers):
+        from .websocket import handle_websocket  # (that module builds on this one)
+
+        return handle_websocket(stream, app, peer)
     environ = build_environ(headers, wsgi_input=StreamInput(stream), errors=sys.stderr, peer=peer)
     response = _Response(stream, environ["REQUEST_METHOD"])
     if stream.cancelled:  # reset while it waited for a thread: nobody wants the answer
@@ -224,25 +228,44 @@ def handle_request(stream: Stream, app: WSGIApp, peer: Optional[Tuple[str, int]]
     return response
 
 
+def is_websocket_request(headers: Sequence[Tuple[bytes, bytes]]) -> bool:
+    """True for an extended CONNECT for the WebSocket protocol (RFC 8441 §4), served by
+    :mod:`ptth_sync.backend.websocket`."""
+    method = protocol = None
+    for name, value in headers:
+        if name[:1] != b":":
+            break
+        if name == b":method":
+            method = value
+        elif name == b":protocol":
+            protocol = value
+    return protocol is not None and method == b"CONNECT" and protocol.lower() == b"websocket"
+
+
 def _run_app(app: WSGIApp, environ: Dict[str, Any], response: _Response) -> None:
     result = app(environ, response.start)
     try:
-        if isinstance(result, (list, tuple)) and response.block is not None:
-            last = len(result) - 1
-            for index, chunk in enumerate(result):
-                response.write(chunk, end_stream=index == last and response.remaining in (None, len(chunk)))
-        else:
-            for chunk in result:
-                response.write(chunk)
-        if response.block is None:
-            msg = "the application returned without calling start_response()"
-            raise AssertionError(msg)
-        if not response.stream.local_ended:
-            response.finish()
+        _write_result(result, response)
     finally:
         close = getattr(result, "close", None)
         if close is not None:
             close()
+
+
+def _write_result(result: Iterable[bytes], response: _Response) -> None:
+    """Send the application's response body (``start_response`` was called, or is called meanwhile)."""
+    if isinstance(result, (list, tuple)) and response.block is not None:
+        last = len(result) - 1
+        for index, chunk in enumerate(result):
+            response.write(chunk, end_stream=index == last and response.remaining in (None, len(chunk)))
+    else:
+        for chunk in result:
+            response.write(chunk)
+    if response.block is None:
+        msg = "the application returned without calling start_response()"
+        raise AssertionError(msg)
+    if not response.stream.local_ended:
+        response.finish()
 
 
 def _answer_error(response: _Response) -> None:

@@ -109,7 +109,10 @@ class Router:
     a backend must open its tunnel with the PTTH upgrade and that bearer
     token; without one, both the upgrade and the plain wire are accepted.
     ``tokens`` maps more tokens to the origins each may register (see
-    :mod:`ptth_sync.access`).
+    :mod:`ptth_sync.access`). A WebSocket (``Upgrade: websocket``) is relayed
+    over an extended CONNECT stream to a backend that takes them (see
+    ``ptth_sync/router/websocket.py``), and closed after
+    ``websocket_idle_timeout`` seconds without a byte either way (0: never).
 
     A backend may register its tunnel for an origin
     (``https://api.example.com``): requests are then routed by their scheme
@@ -134,8 +137,10 @@ class Router:
         handshake_timeout: float = 10.0,
         ssl_context: Optional[ssl.SSLContext] = None,
         tokens: Optional[Mapping[str, Iterable[str]]] = None,
+        websocket_idle_timeout: float = 300.0,
     ) -> None:
         self.timeout = timeout
+        self.websocket_idle_timeout = websocket_idle_timeout
         self.ssl_context = ssl_context
         self.token = token or None
         self.access = TunnelAccess(self.token, tokens)
@@ -470,6 +475,7 @@ class Router:
             "counters": self.metrics.counters(),
             "origins": origins,
             "waiting": sum(self.pool.waiting(origin) for origin in origins),
+            "websockets": self.metrics.websockets_open,
             "tunnels": self.metrics.tunnels(pid),
         }
 
@@ -490,6 +496,11 @@ class Router:
         prepared = self._prepare(environ, start_response)
         if not isinstance(prepared, _Prepared):
             return prepared
+        if "HTTP_UPGRADE" in environ:
+            from .websocket import is_websocket_request, proxy_websocket  # (built on this module)
+
+            if is_websocket_request(environ):
+                return proxy_websocket(self, environ, start_response, prepared)
         return self._proxy(environ, start_response, prepared)
 
     def _prepare(self, environ: Dict[str, Any], start_response: StartResponse) -> Union[_Prepared, List[bytes]]:
@@ -540,13 +551,19 @@ class Router:
         needs a thread (a tunnel to wait for, a tunnel that failed), or
         :data:`TUNNELS_FULL` when the tunnel chosen has no stream free now:
         then nothing was sent, and ``__call__`` or a later ``begin`` serves
-        the same environ. With a ``queued`` set, the request is only queued on its
+        the same environ. A WebSocket opening always needs a thread (None).
+        With a ``queued`` set, the request is only queued on its
         tunnel, which is added to the set: the caller sends it
         (``send_queued()``). With ``stream_body`` the request's body (of a
         known length) is not read here: the stream stays open for the caller
         to send it (:meth:`Stream.try_send`), and such a request is never
         retried on another tunnel.
         """
+        if "HTTP_UPGRADE" in environ:
+            from .websocket import is_websocket_request  # (built on this module)
+
+            if is_websocket_request(environ):
+                return None  # a WebSocket opens on a thread (see __call__)
         prepared = self._prepare(environ, start_response)
         if not isinstance(prepared, _Prepared):
             return prepared

@@ -146,6 +146,9 @@ class RouterMetrics:
         self._drops = dict.fromkeys(DROP_REASONS, 0)
         self._refusals = dict.fromkeys(REFUSAL_REASONS, 0)
         self._tunnels: Dict[int, _Tunnel] = {}
+        self._websockets = 0
+        self._websockets_open = 0
+        self._websocket_bytes = {"to_backend": 0, "to_client": 0}
 
     # -- the proxy path ----------------------------------------------------------
 
@@ -181,6 +184,26 @@ class RouterMetrics:
                 if record is not None:
                     record.served += 1
 
+    # -- WebSockets --------------------------------------------------------------
+
+    def websocket_opened(self) -> None:
+        """A WebSocket is relayed from now on (its ``101`` is counted by :meth:`request_done`)."""
+        with self._lock:
+            self._websockets += 1
+            self._websockets_open += 1
+
+    def websocket_closed(self, to_backend: int, to_client: int) -> None:
+        """A WebSocket ended, having relayed these bytes each way."""
+        with self._lock:
+            self._websockets_open -= 1
+            self._websocket_bytes["to_backend"] += to_backend
+            self._websocket_bytes["to_client"] += to_client
+
+    @property
+    def websockets_open(self) -> int:
+        """WebSockets relayed now (a gauge)."""
+        return self._websockets_open
+
     # -- tunnels -----------------------------------------------------------------
 
     def tunnel_added(self, connection: Connection, origin: str) -> None:
@@ -215,6 +238,8 @@ class RouterMetrics:
                 "connects": dict(self._connects),
                 "drops": dict(self._drops),
                 "refusals": dict(self._refusals),
+                "websockets": self._websockets,
+                "websocket_bytes": dict(self._websocket_bytes),
             }
 
     def tunnels(self, pid: int) -> List[Dict[str, Any]]:
@@ -241,16 +266,18 @@ class RouterMetrics:
 def merge(snapshots: Iterable[Mapping[str, Any]], retired: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Add up snapshots of live processes, plus the counters of processes gone (``retired``).
 
-    A snapshot is ``{"pid", "counters", "origins", "waiting", "tunnels"}``
+    A snapshot is ``{"pid", "counters", "origins", "waiting", "websockets", "tunnels"}``
     (see ``Router.snapshot``); counters and gauges are summed, tunnels listed.
     """
-    view: Dict[str, Any] = {"counters": {}, "origins": {}, "waiting": 0, "tunnels": [], "workers": []}
+    view: Dict[str, Any] = {"counters": {}, "origins": {}, "waiting": 0, "websockets": 0, "tunnels": [],
+                            "workers": []}
     if retired:
         add_up(view["counters"], retired)
     for snapshot in snapshots:
         add_up(view["counters"], snapshot.get("counters", {}))
         add_up(view["origins"], snapshot.get("origins", {}))
         view["waiting"] += snapshot.get("waiting", 0)
+        view["websockets"] += snapshot.get("websockets", 0)
         view["tunnels"] += snapshot.get("tunnels", [])
         view["workers"].append(snapshot.get("pid"))
     return view
@@ -293,6 +320,9 @@ def render(view: Mapping[str, Any]) -> str:
          "reason", counters.get("refusals", {})),
         ("requests_total", "counter", "Requests answered by the router, by the status code sent to the client.",
          "code", counters.get("requests", {})),
+        ("websocket_bytes_total", "counter",
+         'Bytes relayed on WebSockets, by direction ("to_backend", "to_client"), counted as each WebSocket ends.',
+         "direction", counters.get("websocket_bytes", {})),
     )
     for name, kind, help_text, label, values in labelled:
         out.family(name, kind, help_text)
@@ -318,6 +348,10 @@ def render(view: Mapping[str, Any]) -> str:
     out.sample("active_streams", sum(tunnel["active_streams"] for tunnel in tunnels))
     out.family("requests_waiting", "gauge", "Requests waiting for a tunnel (up to --tunnel-wait).")
     out.sample("requests_waiting", view.get("waiting", 0))
+    out.family("websockets_open", "gauge", "WebSockets relayed now (each is also an active stream).")
+    out.sample("websockets_open", view.get("websockets", 0))
+    out.family("websockets_total", "counter", "WebSockets opened (answered 101) since the start.")
+    out.sample("websockets_total", counters.get("websockets", 0))
     out.family("workers", "gauge", "Router worker processes whose metrics this answer includes.")
     out.sample("workers", len(view.get("workers", [])))
     return out.text()
@@ -344,6 +378,7 @@ def status(view: Mapping[str, Any], now: Optional[float] = None) -> Dict[str, An
         "active_streams": sum(tunnel["active_streams"] for tunnel in tunnels),
         "requests_waiting": view.get("waiting", 0),
         "requests_total": sum(counters.get("requests", {}).values()),
+        "websockets_open": view.get("websockets", 0),
         "origins": dict(sorted(view.get("origins", {}).items())),
         "workers": sorted(view.get("workers", [])),
         "tunnels": tunnels,

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a client may take to send a request's line and headers (default: %(default)s)")
     parser.add_argument("--max-body-size", type=positive_int, default=None, metavar="BYTES",
                         help="largest request body forwarded; larger ones get 413 (default: no limit)")
+    parser.add_argument("--websocket-idle-timeout", type=positive_float, default=300.0, metavar="SECONDS",
+                        help="close a WebSocket after this long without a byte either way, 0 for never "
+                             "(default: %(default)s)")
     add_lifecycle_arguments(parser, "drop the tunnel")
     add_token_arguments(parser, "shared secret every backend must present to open a tunnel")
     parser.add_argument("--tokens-file", default=None, metavar="FILE",
@@ -207,7 +210,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     raise_open_file_limit()  # before the fork: the workers inherit it
     settings = ConnectionSettings(ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
     router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait, settings=settings,
-                    max_body_size=args.max_body_size, token=token, ssl_context=tunnel_tls, tokens=tokens)
+                    max_body_size=args.max_body_size, token=token, ssl_context=tunnel_tls, tokens=tokens,
+                    websocket_idle_timeout=args.websocket_idle_timeout)
     if args.workers > 1:
         router.fleet = WorkerFleet(slots=2 * args.workers)  # before the fork: shared
     # Every listener is bound before anything says "Listening": one in use stops the start at once.

@@ -42,11 +42,13 @@ from gunicorn.http import wsgi
 from gunicorn.http.body import LengthReader
 
 from ..gunicorn_base import ThreadedWorker
+from ..websocket import going_away_delay
 from .app import SMALL_BODY, TUNNELS_FULL, Proxied, TunnelBroken
 from .checks import CLOSE_CONNECTION
 from .front import ClientFront, WaitingClient, head_complete
 from .limits import descriptor_budget
 from .relay import Relay, ResponseSink
+from .websocket import WEBSOCKET, AcceptedWebSocket, WebSocketRelay, relay_on_this_thread
 
 __all__ = ["ClientConnectionLoop", "RouterWorker"]
 
@@ -99,6 +101,10 @@ class _ClientSocket:
         self._io_timeout = io_timeout
         self._deadline: Optional[float] = None
         sock.settimeout(io_timeout)
+
+    @property
+    def raw(self) -> socket.socket:
+        return self._sock
 
     def expect_head(self, seconds: float) -> None:
         self._deadline = time.monotonic() + seconds
@@ -222,6 +228,7 @@ class ClientConnectionLoop:
             else:
                 resp, environ, request_start = begun.resp, begun.environ, begun.request_start
                 resp.sock = client
+            environ[WEBSOCKET] = None  # this server can take the connection over (see websocket.py)
             respiter = self.wsgi(environ, resp.start_response)
             if environ.get(CLOSE_CONNECTION):  # the rest of what the client sent cannot be trusted
                 resp.force_close()
@@ -233,6 +240,9 @@ class ClientConnectionLoop:
                 self.log.access(resp, req, environ, datetime.now() - request_start)
                 if hasattr(respiter, "close"):
                     respiter.close()
+            if environ.get(WEBSOCKET) is not None:  # answered 101: the connection carries a WebSocket now
+                self._websocket_opened(environ[WEBSOCKET], client, req.unreader.take_buffered())
+                return False
             return not resp.should_close()
         except TunnelBroken as exc:
             # The response had started: cut the connection so the client sees it incomplete.
@@ -253,6 +263,10 @@ class ClientConnectionLoop:
             except Exception:
                 self.log.exception("Exception in post_request hook")
 
+
+    def _websocket_opened(self, accepted: AcceptedWebSocket, client: Any, early: bytes) -> None:
+        """The request became a WebSocket (``early``: what the client sent after its head): relay it here."""
+        relay_on_this_thread(accepted, getattr(client, "raw", client), early)
 
     def _count_request(self, resp: Any) -> None:
         """A request starts: count it toward ``max_requests``; close after it when the worker stops."""
@@ -318,6 +332,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         self._parked: Deque[Relay] = collections.deque()
         #: Relayed requests that need a thread after all, found so on a tunnel's reader (under _relays_lock).
         self._retries: List[Relay] = []
+        #: WebSockets opened by a request thread, for it to hand over once it let go of the connection.
+        self._opened: Dict[int, Any] = {}
         super().init_process()
 
     def run(self) -> None:
@@ -530,6 +546,44 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         if self._parked:
             self.wake()  # a stream is free: the loop starts a parked request
 
+    # -- WebSockets (see websocket.py) ----------------------------------------------
+
+    def _websocket_opened(self, accepted: AcceptedWebSocket, client: Any, early: bytes) -> None:
+        # Relayed from the selector, without a thread, once this thread let go of the connection (_serve_client).
+        self._opened[threading.get_ident()] = (accepted, early)
+
+    def _relay_websocket(self, client: WaitingClient) -> bool:
+        """(A request thread, done with ``client``.) Hand its WebSocket to the selector; False if it has none."""
+        opened = self._opened.pop(threading.get_ident(), None)
+        if opened is None:
+            return False
+        accepted, early = opened
+        relay = WebSocketRelay(accepted, client.sock, early, self, client)
+        try:
+            client.sock.setblocking(False)
+        except OSError:
+            pass
+        with self._relays_lock:
+            self._relays[id(relay)] = relay  # (for its idle timeout: see _check_relays)
+        relay.start()
+        return True
+
+    def websocket_closed(self, relay: WebSocketRelay) -> None:
+        """A WebSocket is over: its connection closes."""
+        assert self._front is not None
+        with self._relays_lock:
+            self._relays.pop(id(relay), None)
+        self._front.give_back(relay.client, False)
+
+    def _close_websockets(self) -> None:
+        """(Stopping.) Close the WebSockets still open, with ``1001 Going Away``."""
+        with self._relays_lock:
+            relays = [relay for relay in self._relays.values() if isinstance(relay, WebSocketRelay)]
+        if relays:
+            self.log.info("Closing %d WebSocket(s) still open at the graceful timeout", len(relays))
+        for relay in relays:
+            relay.going_away()
+
     def _check_relays(self) -> None:
         now = time.monotonic()
         if now < self._next_relay_check:
@@ -550,14 +604,22 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
                 listener.close()
             except OSError:
                 pass
-        deadline = time.monotonic() + self.cfg.graceful_timeout
+        started = time.monotonic()
+        deadline = started + self.cfg.graceful_timeout
+        websockets_at = started + going_away_delay(self.cfg.graceful_timeout)
         while front.close_waiting():
+            if websockets_at is not None and time.monotonic() >= websockets_at:
+                websockets_at = None
+                self._close_websockets()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.log.warning("Graceful timeout: %d connections still busy", front.connections)
                 return
             self.notify()
-            front.poll(min(remaining, 0.5))
+            wait = min(remaining, 0.5)
+            if websockets_at is not None:
+                wait = min(wait, max(websockets_at - time.monotonic(), 0.0))
+            front.poll(wait)
             self._check_relays()
 
     def _serve_client(self, client: WaitingClient, begun: Optional[Relay] = None) -> None:
@@ -579,6 +641,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
                 self.log.exception("Socket error processing request.")
         except BaseException as exc:
             self.handle_error(None, client.sock, client.addr, exc)
+        if self._relay_websocket(client):
+            return
         if keep and self.alive:
             self._front.give_back(client)
             return

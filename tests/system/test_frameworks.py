@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import websocket
 
 from tests.conftest import PYTHON, ROOT, Process
 
@@ -57,6 +58,22 @@ def test_framework_app_answers_foo_through_the_tunnel(framework_router):
     status, headers, body = fetch(framework_router, "GET", "/foo")
     assert (status, body) == (200, b"bar")
     assert headers["Content-Type"].startswith("text/")
+
+
+def test_framework_app_echoes_websocket_messages_through_the_tunnel(framework_router):
+    """flask-sock in the Flask example, simple-websocket in a Django view: ``/ws`` echoes text and bytes."""
+    ws = websocket.create_connection(framework_router.url.replace("http://", "ws://") + "/ws", timeout=30)
+    try:
+        for n in range(100):
+            ws.send(f"message {n}")
+            assert ws.recv() == f"message {n}"
+        payload = os.urandom(MIB)
+        ws.send_binary(payload)
+        assert ws.recv() == payload
+    finally:
+        ws.close()
+        ws.shutdown()
+    assert framework_router.count_lines("Traceback") == 0
 
 
 def test_framework_app_answers_head_without_a_body(framework_router):

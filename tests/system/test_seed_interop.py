@@ -283,3 +283,28 @@ def test_seed_backend_behind_our_router_answers_gets_echoes_and_32_concurrent_cl
     assert router.count_lines("Tunnel removed") == 0, context
     assert router.count_lines(_LOGGED_ERROR) == 0, context
     assert backend.proc.poll() is None, context
+
+
+def test_a_websocket_to_the_seed_backend_gets_501_and_the_tunnel_carries_on(seed_programs, processes,
+                                                                            router_process):
+    """The seed's backend does not announce SETTINGS_ENABLE_CONNECT_PROTOCOL: no extended CONNECT is sent."""
+    router = router_process()
+    backend = Process([str(seed_programs.backend), "-connect", router.tunnel_address])
+    processes.append(backend)
+    router.wait_tunnels(1)
+    conn = http.client.HTTPConnection(router.http_host, router.http_port, timeout=30)
+    try:
+        conn.request("GET", "/foo", headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+        response = conn.getresponse()
+        assert response.status == 501
+        assert b"SETTINGS_ENABLE_CONNECT_PROTOCOL" in response.read()
+        conn.request("GET", "/foo")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"bar")
+    finally:
+        conn.close()
+    context = f"our router:\n{router.output()}\nGo backend:\n{backend.output()}"
+    assert router.count_lines("Tunnel removed") == 0, context
+    assert backend.proc.poll() is None, context

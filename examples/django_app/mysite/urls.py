@@ -11,4 +11,5 @@ urlpatterns = [
     # Any path below /whoami/, to show how the path arrives after percent-decoding.
     re_path(r"^whoami/", views.whoami),
     path("cookies", views.cookies),
+    path("ws", views.echo_websocket),
 ]

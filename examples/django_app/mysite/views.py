@@ -1,5 +1,6 @@
 """The example views: the same endpoints as ``examples/flask_app.py``, plus cookies."""
 
+import simple_websocket
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods, require_safe
@@ -39,3 +40,18 @@ def cookies(request):
     response.set_cookie("flavour", "chocolate", httponly=True)
     response.set_cookie("size", "large", max_age=3600, samesite="Lax")
     return response
+
+
+def echo_websocket(request):
+    """A WebSocket that sends every message back (``ws://ROUTER/ws``), with simple-websocket.
+
+    It takes the connection from the WSGI environ, as under gunicorn's threaded worker; the
+    response returned once the WebSocket is over goes nowhere.
+    """
+    ws = simple_websocket.Server(request.environ)
+    try:
+        while True:
+            ws.send(ws.receive())
+    except simple_websocket.ConnectionClosed:
+        pass
+    return HttpResponse()
