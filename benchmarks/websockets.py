@@ -60,6 +60,7 @@ from benchmarks.run import (
     only_child,
     path_order,
     percentile,
+    positive_int,
     python_module,
     ratio,
     start_backend,
@@ -211,13 +212,6 @@ def report(summary: Dict[str, Any], args: argparse.Namespace) -> str:
         f"added latency (p50): {fmt(summary['added_latency_p50_ms'], 3)} ms",
     ]
     return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
