@@ -141,6 +141,14 @@ class PendingTunnels:
             self._fail(pending, "peer closed the connection before its opening", "network")
             return
         if pending.connection is not None:  # the answer to our preface: HTTP/2 from here on
+            if data[:1] != b"\x00":  # not the SETTINGS frame a plain-wire backend opens with: no threads for it
+                late_upgrade = data[:4] == b"GET "
+                self._fail(pending, "sent an upgrade request only after the router had waited "
+                           f"{FIRST_BYTES_WAIT:g}s and greeted it as a plain-wire backend (a backend sends its "
+                           "upgrade at once)" if late_upgrade else
+                           f"answered the router's HTTP/2 preface with bytes that are not HTTP/2 ({data[:16]!r})",
+                           "bad_request")
+                return
             self._forget(pending)
             pending.sock.setblocking(True)
             pending.connection.start(data)

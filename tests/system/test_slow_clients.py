@@ -201,6 +201,27 @@ def test_a_flood_of_silent_and_slow_tunnel_connections_does_not_keep_a_backend_o
     assert backend.count_lines("lost") == 0
 
 
+def test_a_silent_tunnel_connection_that_answers_the_greeting_with_garbage_gets_no_thread(router_process):
+    """After a second of silence the router greets a connection as a plain-wire backend; an answer that is
+    not HTTP/2 (here a late upgrade request) closes it with a reason, without starting its threads."""
+    router = router_process()
+    worker = worker_pid(router.pid)
+    threads = status(worker, "Threads")
+    socks = [socket.create_connection((router.tunnel_host, router.tunnel_port), timeout=10) for _ in range(20)]
+    try:
+        for sock in socks:
+            assert sock.recv(24) == b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # the greeting (after a second)
+        for sock in socks:
+            sock.sendall(b"GET /.well-known/ptth/ HTTP/1.1\r\nHost: x\r\nUpgrade: ptth\r\n\r\n")
+        wait_until(lambda: router.count_lines("sent an upgrade request only after") == 20, 10,
+                   what=f"20 late upgrades refused:\n{router.output()[-2000:]}")
+        assert status(worker, "Threads") == threads
+    finally:
+        for sock in socks:
+            sock.close()
+    assert router.count_lines("Traceback") == 0
+
+
 #: Clients that stop reading (each costs the router a socket and at most a stream window, the backend a thread).
 STALLED_READERS = 200
 #: What one stalled download may cost the router in memory: the tunnel's stream window (1 MiB), and change.
