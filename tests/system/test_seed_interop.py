@@ -27,7 +27,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Iterator, List, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
 
 import pytest
@@ -236,14 +236,20 @@ def test_our_backend_keeps_an_idle_tunnel_to_the_seed_router_until_its_first_req
 # -- the seed-style Go backend behind our router (http2.Server as the server) ---------
 
 
-def test_seed_backend_behind_our_router_answers_gets_echoes_and_32_concurrent_clients(
-    seed_programs, processes, router_process
-):
-    """GETs, 1 MiB POST echoes (with a Content-Length and chunked) and 32 concurrent clients, all intact."""
+def seed_backend_behind_our_router(seed_programs, processes, router_process) -> Tuple[Any, Process]:
+    """Our router with the seed's backend dialled in (its one tunnel up)."""
     router = router_process()
     backend = Process([str(seed_programs.backend), "-connect", router.tunnel_address])
     processes.append(backend)
     router.wait_tunnels(1)
+    return router, backend
+
+
+def test_seed_backend_behind_our_router_answers_gets_echoes_and_32_concurrent_clients(
+    seed_programs, processes, router_process
+):
+    """GETs, 1 MiB POST echoes (with a Content-Length and chunked) and 32 concurrent clients, all intact."""
+    router, backend = seed_backend_behind_our_router(seed_programs, processes, router_process)
 
     conn = http.client.HTTPConnection(router.http_host, router.http_port, timeout=30)
     try:
@@ -288,10 +294,7 @@ def test_seed_backend_behind_our_router_answers_gets_echoes_and_32_concurrent_cl
 def test_a_websocket_to_the_seed_backend_gets_501_and_the_tunnel_carries_on(seed_programs, processes,
                                                                             router_process):
     """The seed's backend does not announce SETTINGS_ENABLE_CONNECT_PROTOCOL: no extended CONNECT is sent."""
-    router = router_process()
-    backend = Process([str(seed_programs.backend), "-connect", router.tunnel_address])
-    processes.append(backend)
-    router.wait_tunnels(1)
+    router, backend = seed_backend_behind_our_router(seed_programs, processes, router_process)
     conn = http.client.HTTPConnection(router.http_host, router.http_port, timeout=30)
     try:
         conn.request("GET", "/foo", headers={
