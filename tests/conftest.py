@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import pytest
 
@@ -20,16 +20,24 @@ PYTHON = sys.executable
 
 
 def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01, what: str = ""
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    what: Union[str, Callable[[], str]] = "",
 ) -> object:
-    """Poll ``predicate`` until it returns something true; fail the test after ``timeout``."""
+    """Poll ``predicate`` until it returns something true; fail the test after ``timeout``.
+
+    ``what`` names what was awaited; a callable is called only on failure, so that a
+    process's output in the message is what it printed by then, not when the wait began.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+            described = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout}s waiting for {described or predicate}")
         time.sleep(interval)
 
 
@@ -138,7 +146,7 @@ class RouterProcess(Process):
         """Wait until ``count`` more tunnels were added than removed."""
         wait_until(
             lambda: self.count_lines("Tunnel added") - self.count_lines("Tunnel removed") >= count,
-            timeout, what=f"{count} tunnels on the router:\n{self.output()}",
+            timeout, what=lambda: f"{count} tunnels on the router:\n{self.output()}",
         )
 
 

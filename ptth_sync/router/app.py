@@ -649,8 +649,8 @@ class Router:
         proxied.stream.close()
         proxied.done = True
         if isinstance(exc, StreamTimeout):
-            return self._reply_error(start_response, 504, "Gateway Timeout", "the backend did not answer in time",
-                                     proxied.started, prepared.body)
+            return self._gateway_timeout(start_response, prepared.method, prepared.target, proxied.tunnel,
+                                         proxied.started, prepared.body)
         if _retryable(exc) and not proxied.streamed:
             log.info("%s %s: retrying (%s)", prepared.method, prepared.target, exc)
             small = prepared.body.read_small() if prepared.body.present else None
@@ -662,8 +662,9 @@ class Router:
         return self._reply_error(start_response, 502, "Bad Gateway", "the tunnel failed before the response",
                                  proxied.started, prepared.body)
 
-    def no_stream_free(self, start_response: StartResponse) -> List[bytes]:
-        """A request waited ``timeout`` seconds for a tunnel with a stream free: 503."""
+    def no_stream_free(self, start_response: StartResponse, method: str, target: str) -> List[bytes]:
+        """A request waited ``timeout`` seconds for a tunnel with a stream free: 503 (logged)."""
+        log.warning("%s %s: 503, no tunnel had a stream free within %gs", method, target, self.timeout)
         return self._reply_error(start_response, 503, "Service Unavailable",
                                  "no tunnel had a stream free in time")
 
@@ -714,11 +715,12 @@ class Router:
                 stream, response = self._exchange(tunnel, headers, body)
             except _ClientBodyFailed:
                 return self._reply_client_body_error(environ, start_response, method, target, started, body)
+            except _NoStreamFree:
+                return self.no_stream_free(start_response, method, target)
             except StreamTimeout:
                 if body.failure is not None:
                     return self._reply_client_body_error(environ, start_response, method, target, started, body)
-                return self._reply_error(start_response, 504, "Gateway Timeout", "the backend did not answer in time",
-                                         started, body)
+                return self._gateway_timeout(start_response, method, target, tunnel, started, body)
             except (ConnectionClosed, StreamReset) as exc:
                 if body.failure is not None:
                     return self._reply_client_body_error(environ, start_response, method, target, started, body)
@@ -748,6 +750,20 @@ class Router:
             self.metrics.request_done(code, started, body.sent, 0, tunnel)
             return []
         return _ResponseBody(stream, body, self.timeout, self.metrics, code, started, tunnel)
+
+    def _gateway_timeout(
+        self,
+        start_response: StartResponse,
+        method: str,
+        target: str,
+        tunnel: Connection,
+        started: Optional[float],
+        body: _RequestBody,
+    ) -> List[bytes]:
+        """The backend did not answer within ``timeout`` seconds: 504 (logged, as a proxy does)."""
+        log.warning("%s %s: 504, tunnel %s sent no response within %gs", method, target, tunnel.name, self.timeout)
+        return self._reply_error(start_response, 504, "Gateway Timeout", "the backend did not answer in time",
+                                 started, body)
 
     def _reply_error(
         self,
@@ -795,7 +811,10 @@ class Router:
         small = body.read_small()
         if body.failure is not None:
             raise _ClientBodyFailed  # nothing was sent: the tunnel never saw this request
-        stream = tunnel.open_stream(headers, end_stream=not body.present, timeout=self.timeout)
+        try:
+            stream = tunnel.open_stream(headers, end_stream=not body.present, timeout=self.timeout)
+        except StreamTimeout:
+            raise _NoStreamFree from None
         try:
             if small is not None:
                 stream.send_data(small, end_stream=True, timeout=self.timeout)
@@ -850,6 +869,10 @@ def _retryable(exc: Exception) -> bool:
 
 class _ClientBodyFailed(PTTHError):
     """The client's request body failed before anything was sent to a tunnel."""
+
+
+class _NoStreamFree(PTTHError):
+    """No stream of the tunnel chosen came free within ``timeout``: nothing was sent."""
 
 
 class _RequestBody:

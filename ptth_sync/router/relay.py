@@ -188,7 +188,7 @@ class Relay(SocketWatcher):
                     if self.streamed:  # its body was never read: the connection cannot be reused
                         self.environ[CLOSE_CONNECTION] = True
                         self.resp.force_close()
-                    self.answer(self.host.wsgi.no_stream_free(self.resp.start_response))
+                    self.answer(self.host.wsgi.no_stream_free(self.resp.start_response, self.req.method, self.req.uri))
             elif self._awaiting_body:
                 log.info("Closing connection from %s: no progress for %gs (it stopped sending its body)",
                          self.client.peer, self.timeout)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 import socket
 import sys
 import threading
@@ -62,10 +64,34 @@ def test_tunnel_wait_holds_a_request_until_a_tunnel_appears(router, start_backen
     assert results == [200]
 
 
-def test_backend_that_does_not_answer_in_time_gives_504(router, start_backend):
+def test_backend_that_does_not_answer_in_time_gives_504(router, start_backend, caplog):
     router.timeout = 0.3
     start_backend(apps.sleepy)
-    assert wsgi_request(router, "GET", "/?s=2").code == 504
+    with caplog.at_level(logging.WARNING, logger="ptth_sync.router"):
+        assert wsgi_request(router, "GET", "/?s=2").code == 504
+    assert re.search(r"GET /\?s=2: 504, tunnel \S+ sent no response within 0.3s", caplog.text)
+
+
+def test_no_stream_free_within_the_timeout_gives_503_with_a_line(router, caplog):
+    router.timeout = 0.3
+    host = {"Host": "app.example.test"}
+    # On the upgrade wire (here for an origin) the backend allows as many streams as it has threads: one.
+    backend = Backend(router.tunnel_address, apps.slow_stream, threads=1, origins=["http://app.example.test"]).start()
+    try:
+        wait_until(lambda: len(router.pool) == 1, what="the tunnel")
+        busy = wsgi_request(router, "GET", "/", headers=host)  # its stream stays open: the body waits for /release
+        assert busy.code == 200
+        try:
+            with caplog.at_level(logging.WARNING, logger="ptth_sync.router"):
+                assert wsgi_request(router, "GET", "/other", headers=host).code == 503
+            assert "GET /other: 503, no tunnel had a stream free within 0.3s" in caplog.text
+        finally:
+            apps._gate.set()
+            busy.iterable.close()  # type: ignore[attr-defined]
+        # The stream comes free once the backend's thread let go of the reset one (until then: refused, 502).
+        wait_until(lambda: wsgi_request(router, "GET", "/release", headers=host).code == 200, what="a free stream")
+    finally:
+        backend.close()
 
 
 def test_tunnel_breaking_before_the_response_gives_502(router, start_backend):

@@ -24,7 +24,7 @@ def example_router(processes):
 
 def wait_tunnel(router: Process) -> None:
     """Wait until the router logged a tunnel as added."""
-    wait_until(lambda: router.count_lines(r"Tunnel added: ") >= 1, 15, what=f"a tunnel:\n{router.output()}")
+    wait_until(lambda: router.count_lines(r"Tunnel added: ") >= 1, 15, what=lambda: f"a tunnel:\n{router.output()}")
 
 
 def test_example_user_gets_ten_bars_from_the_example_backend(example_router, processes):

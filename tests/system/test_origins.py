@@ -127,12 +127,13 @@ def test_sighup_makes_the_router_read_its_tokens_file_again(router_process, back
     tokens.write_text("old-key  *\nnew-key  http://api.example.com\n")
     reload()
     backend_process("tests.apps:hello", router.tunnel_address, "--token", "new-key", "--origin", "http://api.example.com")
-    wait_until(lambda: router.count_lines("Tunnel added") == 1, what=f"the tunnel:\n{router.output()}")
+    wait_until(lambda: router.count_lines("Tunnel added") == 1, what=lambda: f"the tunnel:\n{router.output()}")
     assert get(router, "api.example.com") == (200, b"bar")
 
     tokens.write_text("lonely-token\n")
     reload()
     router.wait_for_line(r"Keeping the previous tokens: .*tokens:1: a token needs the origins")
     # The backend redials into the new worker, which has the tokens the file had before.
-    wait_until(lambda: router.count_lines("Tunnel added") == 2, 30, what=f"the tunnel again:\n{router.output()}")
+    wait_until(lambda: router.count_lines("Tunnel added") == 2, 30,
+               what=lambda: f"the tunnel again:\n{router.output()}")
     assert get(router, "api.example.com") == (200, b"bar")

@@ -150,6 +150,7 @@ def test_a_backend_that_does_not_answer_in_time_gets_the_client_a_504(router_pro
     response = conn.getresponse()
     assert response.status == 504
     assert b"did not answer in time" in response.read()
+    router.wait_for_line(r"GET /sleep\?s=3: 504, tunnel \S+ sent no response within 1s")  # not silent
     conn.request("GET", "/foo")  # the same connection carries on
     assert conn.getresponse().read() == b"bar"
     conn.close()
@@ -168,7 +169,7 @@ def test_a_client_that_goes_away_mid_response_resets_only_its_stream(router_proc
                 received += len(sock.recv(65536))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
     wait_until(lambda: backend.count_lines("reset by peer") >= 20, 30,
-               what=f"the backend to see the 20 streams reset:\n{backend.output()[-3000:]}")
+               what=lambda: f"the backend to see the 20 streams reset:\n{backend.output()[-3000:]}")
     assert timed_get(router.url) < 1.0
     assert router.count_lines("Tunnel removed") == 0
     assert router.count_lines("Traceback") == 0

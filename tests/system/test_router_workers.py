@@ -88,10 +88,12 @@ def test_a_router_worker_that_exits_leaves_the_shared_tunnel_listener_to_the_oth
     (victim, _survivor) = sorted(pid for pid, count in tunnel_owners(router).items() if count > 0)
     os.kill(victim, signal.SIGTERM)
     # gunicorn replaces the worker; the backend redials the tunnel it lost, into either process.
-    wait_until(lambda: router.count_lines(r"Booting worker") >= 3, 30, what=f"a new worker:\n{router.output()}")
-    wait_until(lambda: sum(tunnel_owners(router).values()) == 2, 30, what=f"the tunnel back:\n{router.output()}")
+    wait_until(lambda: router.count_lines(r"Booting worker") >= 3, 30, what=lambda: f"a new worker:\n{router.output()}")
+    wait_until(lambda: sum(tunnel_owners(router).values()) == 2, 30,
+               what=lambda: f"the tunnel back:\n{router.output()}")
     backend_process("tests.apps:hello", router.tunnel_address, "--tunnels", "2")
-    wait_until(lambda: sum(tunnel_owners(router).values()) == 4, 30, what=f"two new tunnels:\n{router.output()}")
+    wait_until(lambda: sum(tunnel_owners(router).values()) == 4, 30,
+               what=lambda: f"two new tunnels:\n{router.output()}")
     assert "accepting a tunnel failed" not in router.output()
     assert hammer(router.url, clients=4, each=10) == [(200, b"bar")] * 40
 
@@ -102,7 +104,7 @@ def test_sighup_replaces_the_router_worker_and_backends_redial_into_the_new_one(
     router.wait_tunnels(1)
     router.signal(signal.SIGHUP)
     wait_until(lambda: router.count_lines("Tunnel added") >= 2 and sum(tunnel_owners(router).values()) == 1, 30,
-               what=f"the tunnel in the new worker:\n{router.output()}")
+               what=lambda: f"the tunnel in the new worker:\n{router.output()}")
     assert "accepting a tunnel failed" not in router.output()
     assert hammer(router.url, clients=2, each=5) == [(200, b"bar")] * 10
 
