@@ -630,6 +630,9 @@ class Connection:
         self._attempted_bytes = 0
         self._error: Optional[ConnectionClosed] = None
         self._ready = threading.Event()
+        #: The connection became ready at some point: the peer's SETTINGS arrived and did not come with
+        #: its end (it stays True once the connection is dead, unlike :attr:`ready`).
+        self.was_ready = False
         self._closed = threading.Event()
         self._draining = False
         self._drain_acked = False
@@ -1045,13 +1048,15 @@ class Connection:
                 return
 
     def _send_without_blocking(self) -> None:
-        """Reader only: send what is queued (acknowledgements, mostly) if that cannot block.
+        """Any thread: send what is queued (acknowledgements, mostly) if that cannot block.
 
         Saves waking the writer thread for the few bytes a batch of frames
         asks back. Only when no one else is sending, and only what the socket
         takes at once: the rest, or all of it on a TLS channel, goes to the
-        writer thread, so the reader never waits on a write.
+        writer thread, so the caller (the reader, a listener) never waits on a write.
         """
+        if not self._outbox:
+            return  # (bytes queued later are sent by whoever queues them, or by the sender they find)
         if self._can_send_nonblocking and self._write_lock.acquire(blocking=False):
             with self._lock:
                 outbox = self._outbox
@@ -1221,6 +1226,7 @@ class Connection:
             if ended is not None:
                 return ended
             if became_ready:
+                self.was_ready = True
                 self._ready.set()
                 if self._on_ready is not None:
                     self._on_ready(self)
@@ -1443,7 +1449,9 @@ class Connection:
                 self._queue_output()
             to_wake = stream._waiting.take() + self._capacity_waiting.take(1)
         release(to_wake)
-        self._flush()
+        # Never waits on the socket: a stream is closed on the reader thread too (by a listener), and
+        # a reader that blocks on a write can deadlock with a peer that does the same.
+        self._send_without_blocking()
 
     def _fail(self, reason: str) -> None:
         """Mark the connection dead and wake every waiter (lock held). First reason wins."""

@@ -418,7 +418,9 @@ class Backend:
                 return None
             self._connections[id(connection)] = connection
         connection.start()
-        established = connection.wait_ready(settings.settings_timeout + 1.0 if settings.settings_timeout > 0 else None)
+        connection.wait_ready(settings.settings_timeout + 1.0 if settings.settings_timeout > 0 else None)
+        # (Not `ready`: a tunnel that opened and died before this thread looked was established all the same.)
+        established = connection.was_ready
         if established:
             log.info("Tunnel to %s established", route.name)
         connection.wait_closed()

@@ -376,3 +376,24 @@ def test_bodies_arrive_intact_whatever_the_piece_sizes_window_and_socket_buffers
     finally:
         client.close()
         server.close()
+
+
+def test_closing_a_stream_never_waits_on_a_full_socket():
+    """A listener closes streams on the reader thread: the RST_STREAM is queued, not waited for.
+
+    The peer reads nothing and the socket is full; no thread of the connection runs (so none
+    holds the write lock): closing must still return at once.
+    """
+    client_sock, peer = tcp_pair(buffer_size=4096)
+    client = Connection(client_sock, client_side=True, name="client")
+    client.prepare()
+    stream = client.try_open_stream(REQUEST, b"x" * 60000, send=False, end_stream=False)
+    assert stream is not None
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    try:
+        assert not closer.is_alive(), "closing the stream waited on the socket"
+    finally:
+        client_sock.close()
+        peer.close()
