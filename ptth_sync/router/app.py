@@ -817,8 +817,14 @@ class Router:
             raise _NoStreamFree from None
         try:
             if small is not None:
-                stream.send_data(small, end_stream=True, timeout=self.timeout)
-                body.sent += len(small)
+                try:
+                    stream.send_data(small, end_stream=True, timeout=self.timeout)
+                    body.sent += len(small)
+                except StreamReset as exc:
+                    # An early response: the backend answered without the body and asks for no more with
+                    # NO_ERROR, which must not discard its response (RFC 9113 section 8.1). Else a failure.
+                    if not (exc.remote and exc.error_code == ErrorCodes.NO_ERROR):
+                        raise
             elif body.present:
                 body.start_upload(stream, self.timeout)
             return stream, stream.wait_headers(self.timeout)

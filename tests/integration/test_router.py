@@ -123,6 +123,39 @@ def test_refused_stream_is_retried_on_another_tunnel(router, start_backend):
         refusing.close()
 
 
+def test_an_early_response_with_a_no_error_reset_is_passed_on_not_a_502(router, monkeypatch):
+    """RFC 9113 section 8.1: a backend may answer before the body and reset with NO_ERROR to stop it."""
+
+    class EarlyBackend(Backend):
+        def _on_request(self, stream):
+            stream.send_response([(b":status", b"200"), (b"content-length", b"5")], b"early", end_stream=True)
+            stream.reset(ErrorCodes.NO_ERROR)
+
+    backend = EarlyBackend(router.tunnel_address, apps.hello).start()
+    try:
+        wait_until(lambda: len(router.pool) == 1, what="the tunnel")
+        (tunnel,) = router.pool.tunnels()
+        open_stream = tunnel.open_stream
+
+        def open_stream_then_wait(*args, **kwargs):
+            # The order a loaded machine may give: the response and its reset are in before the body goes.
+            stream = open_stream(*args, **kwargs)
+            send_data = stream.send_data
+
+            def send_data_late(*args, **kwargs):
+                wait_until(lambda: stream._error is not None, what="the early response and its reset")
+                return send_data(*args, **kwargs)
+
+            stream.send_data = send_data_late
+            return stream
+
+        monkeypatch.setattr(tunnel, "open_stream", open_stream_then_wait)
+        response = wsgi_request(router, "POST", "/", b"small body")
+        assert (response.code, response.body) == (200, b"early")
+    finally:
+        backend.close()
+
+
 def test_ten_concurrent_slow_requests_share_one_tunnel(router, start_backend):
     """Multiplexing: 10 requests of 0.5 s over ONE tunnel finish well within 1.5 s."""
     start_backend(apps.sleepy, tunnels=1, threads=16)
