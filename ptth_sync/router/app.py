@@ -758,7 +758,7 @@ class Router:
         target: str,
         tunnel: Connection,
         started: Optional[float],
-        body: _RequestBody,
+        body: Optional[_RequestBody] = None,
     ) -> List[bytes]:
         """The backend did not answer within ``timeout`` seconds: 504 (logged, as a proxy does)."""
         log.warning("%s %s: 504, tunnel %s sent no response within %gs", method, target, tunnel.name, self.timeout)

@@ -177,8 +177,7 @@ def proxy_websocket(router: Router, environ: Dict[str, Any], start_response: Sta
         try:
             stream = tunnel.open_stream(headers, timeout=router.timeout)
         except StreamTimeout:
-            return router._reply_error(start_response, 503, "Service Unavailable",
-                                       "no tunnel had a stream free in time", started)
+            return router.no_stream_free(start_response, "GET", target)
         except ConnectionClosed as exc:
             if _retryable(exc) and not tried:
                 tried.append(tunnel)
@@ -189,8 +188,7 @@ def proxy_websocket(router: Router, environ: Dict[str, Any], start_response: Sta
             answer = stream.wait_headers(router.timeout)
         except StreamTimeout:
             stream.close()
-            return router._reply_error(start_response, 504, "Gateway Timeout", "the backend did not answer in time",
-                                       started)
+            return router._gateway_timeout(start_response, "GET", target, tunnel, started)
         except (ConnectionClosed, StreamReset) as exc:
             stream.close()
             if _retryable(exc) and not tried:
