@@ -54,6 +54,16 @@ def timed_get(url: str, path: str = "/foo") -> float:
     return time.monotonic() - started
 
 
+def served_once(router: RouterProcess) -> None:
+    """A GET answered by a router without tunnels (503): its worker is up and serving."""
+    conn = http.client.HTTPConnection(router.http_host, router.http_port, timeout=10)
+    try:
+        conn.request("GET", "/")
+        assert conn.getresponse().status == 503
+    finally:
+        conn.close()
+
+
 @contextlib.contextmanager
 def connections(host: str, port: int, count: int) -> Iterator[List[socket.socket]]:
     """``count`` connections to the router, closed on exit (some may be refused or shed meanwhile)."""
@@ -181,6 +191,7 @@ def test_a_flood_of_silent_and_slow_tunnel_connections_does_not_keep_a_backend_o
     """
     router = limited_router(1024)
     worker = worker_pid(router.pid)
+    served_once(router)
     threads_before = status(worker, "Threads")
     with connections(router.tunnel_host, router.tunnel_port, 1000) as silent, \
             connections(router.tunnel_host, router.tunnel_port, 1000) as slow:
@@ -206,6 +217,7 @@ def test_a_silent_tunnel_connection_that_answers_the_greeting_with_garbage_gets_
     not HTTP/2 (here a late upgrade request) closes it with a reason, without starting its threads."""
     router = router_process()
     worker = worker_pid(router.pid)
+    served_once(router)  # (the worker's threads are all started once it answers)
     threads = status(worker, "Threads")
     socks = [socket.create_connection((router.tunnel_host, router.tunnel_port), timeout=10) for _ in range(20)]
     try:
