@@ -67,8 +67,8 @@ def head_complete(buffer: Any) -> bool:
 class WaitingClient:
     """A client connection outside any thread: its socket, what it sent so far, and its deadline."""
 
-    __slots__ = ("addr", "body_length", "buffer", "busy", "deadline", "handshaking", "listener", "need", "sock",
-                 "started", "watched", "what")
+    __slots__ = ("addr", "body_length", "buffer", "busy", "deadline", "handshaking", "listener", "need", "owner",
+                 "sock", "started", "watched", "what")
 
     def __init__(self, sock: Any, addr: Any, listener: Any, buffer: bytes = b"") -> None:
         self.sock = sock
@@ -77,6 +77,8 @@ class WaitingClient:
         self.buffer = bytearray(buffer)
         self.handshaking = False  # a TLS handshake in progress
         self.busy = False  # its request is being served (it is not among the waiting connections)
+        #: While busy: what serves its request without a thread, if anything (see ``busy_readable``).
+        self.owner: Any = None
         #: The selector holds the socket for reading, with this client as its data (changed under the front's lock).
         self.watched = False
         self.started = False  # the request head has begun (its timeout applies, not keep-alive's)
@@ -120,7 +122,10 @@ class ClientFront:
     hand connections back with :meth:`give_back`, which wakes the loop through
     ``wake``. ``handoff(client)`` must not block: it queues the client for a
     thread. ``may_accept()`` is asked before each ``accept``; ``after_events()``
-    is called once the events of a wake-up are handled.
+    is called once the events of a wake-up are handled. ``busy_readable(client)``
+    is called when a connection whose request is being served sends more: it
+    may wait (briefly) for that request to end, so that the connection comes
+    back without a round of unregistering, waking and registering again.
     """
 
     def __init__(
@@ -135,8 +140,10 @@ class ClientFront:
         ssl_context: Optional[ssl.SSLContext] = None,
         may_accept: Callable[[], bool] = lambda: True,
         after_events: Callable[[], None] = lambda: None,
+        busy_readable: Callable[[WaitingClient], None] = lambda client: None,
     ) -> None:
         self._handoff = handoff
+        self._busy_readable = busy_readable
         self._after_events = after_events
         self._may_accept = may_accept
         self._wake = wake
@@ -199,10 +206,17 @@ class ClientFront:
         for key, mask in events:
             data = key.data
             if isinstance(data, WaitingClient):
-                if data.busy:  # its request is still being answered: what it sends next waits until then
-                    self.release(data)
-                else:
-                    self._on_readable(data)
+                if data.busy:
+                    # Its next request, sent as the last bytes of the response left: the response is
+                    # most likely over by now, and the connection on its way back (not a wake-up away).
+                    self._busy_readable(data)
+                    self._take_returned()
+                    if data.busy:  # its request is still being answered: what it sends next waits until then
+                        self.release(data)
+                        continue
+                    if not data.watched:  # closed as it came back
+                        continue
+                self._on_readable(data)
             elif isinstance(data, SocketWatcher):
                 data.on_events(mask)
                 self._watch(key.fileobj, data)

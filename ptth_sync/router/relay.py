@@ -111,7 +111,8 @@ class Relay(SocketWatcher):
         self._pending: List[Any] = []  # bytes for the client not sent yet
         self._uncredited = 0  # body bytes taken from the stream whose credit is not returned
         self._responding = False  # the response headers were handled
-        self._ending = False  # the response is complete in _pending
+        #: The response is complete (in ``_pending`` until it is sent).
+        self.ending = False
         #: The request is over (answered, aborted, or handed to a thread).
         self.done = False
         self._upload_left = 0  # body bytes still to read from the client
@@ -170,7 +171,7 @@ class Relay(SocketWatcher):
             if events & selectors.EVENT_WRITE:
                 self._flush()
                 proxied = self.proxied
-                if not self.done and self._responding and not self._ending and proxied is not None:
+                if not self.done and self._responding and not self.ending and proxied is not None:
                     self._advance(proxied.stream)
             if events & selectors.EVENT_READ and not self.done:
                 self._upload()
@@ -247,7 +248,7 @@ class Relay(SocketWatcher):
                 proxied.sent += len(piece)
             if ended:
                 self.resp.close()
-                self._ending = True
+                self.ending = True
                 self._count()
                 break
         self._pending += self.sink.take()
@@ -258,7 +259,7 @@ class Relay(SocketWatcher):
         for item in body:
             self.resp.write(item)
         self.resp.close()
-        self._ending = True
+        self.ending = True
         self._count()
         self._pending += self.sink.take()
         self._flush()
@@ -297,7 +298,7 @@ class Relay(SocketWatcher):
                 return
             self._progressed()
             pending[:] = unsent(pending, sent)
-        if self._ending:
+        if self.ending:
             self._complete()
         elif self._uncredited and self.proxied is not None:
             credit, self._uncredited = self._uncredited, 0

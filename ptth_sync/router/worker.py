@@ -349,6 +349,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             ssl_context=context,
             may_accept=self.wsgi.takes_clients,
             after_events=self._send_queued,
+            busy_readable=self._busy_readable,
         )
         for listener in self.sockets:
             front.add_listener(listener)
@@ -417,7 +418,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         resp, environ = wsgi.create(req, ResponseSink(), client.addr, self._server_name(client.listener), self.cfg)
         environ["wsgi.multithread"] = True
         self._count_request(resp)
-        relay = Relay(self, client, parser, req, resp, environ, request_start, self.wsgi.timeout)
+        relay = client.owner = Relay(self, client, parser, req, resp, environ, request_start, self.wsgi.timeout)
         relay.body_length, relay.body_buffered, relay.streamed = length, buffered, streamed
         with self._relays_lock:
             self._relays[id(relay)] = relay
@@ -502,6 +503,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
 
     def retry(self, relay: Relay) -> None:
         """A relayed request needs a thread after all (a tunnel to wait for, another tunnel to try)."""
+        relay.client.owner = None
         with self._relays_lock:
             self._relays.pop(id(relay), None)
             if threading.current_thread() is not threading.main_thread():
@@ -511,6 +513,15 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             self.wake()
         else:
             self._to_thread(relay.client, relay)
+
+    def _busy_readable(self, client: WaitingClient) -> None:
+        """(Main thread.) A client sent more while its request is relayed: if the response is whole,
+        wait for the thread sending its last bytes to finish (it holds the relay's lock until the
+        connection is given back)."""
+        relay = client.owner
+        if relay is not None and relay.ending:
+            with relay.lock:
+                pass
 
     def want_events(self, relay: Relay) -> None:
         assert self._front is not None
@@ -533,6 +544,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         with self._relays_lock:
             self._relays.pop(id(relay), None)
         client = relay.client
+        client.owner = None
         if keep and self.alive and not relay.streamed:  # (a streamed body was read off the socket, all of it)
             try:
                 while relay.req.body.read(65536):  # what the router did not forward (all of it is here)
