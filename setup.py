@@ -15,8 +15,8 @@ setup(
     license_files=["LICENSE"],
     python_requires=">=3.10",
     # gunicorn 26.2: Unreader.take_buffered, Parser.finish_body(deadline=), util.close_graceful.
-    # h2 4.1 to 4.4: the engine overrides private h2 methods (ptth_sync/connection.py) checked
-    # against these; CI runs the suite on the oldest of each (gunicorn 26.2.0, h2 4.1.0).
+    # h2 4.1 to 4.4: the engine overrides private h2 methods (ptth_sync/engine/h2compat.py) checked
+    # against these (tests/unit/test_h2compat.py); CI runs the suite on the oldest of each (gunicorn 26.2.0, h2 4.1.0).
     install_requires=["h2>=4.1,<4.5", "hyperframe>=6,<7", "gunicorn>=26.2"],
     extras_require={
         "test": [

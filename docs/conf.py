@@ -50,7 +50,8 @@ nitpick_ignore_regex = [
     (r"py:(class|exc)", r"(Exception|ValueError|TimeoutError|ConnectionError|OSError|RuntimeError|KeyError)"),
     # The engine's classes appear in signatures (Backend.connections, Router(settings=...),
     # request_handler) but are internal, so not in the reference.
-    (r"py:class", r"(ptth_sync\.(connection|stream)\.)?(Connection|ConnectionSettings|Stream)"),
+    (r"py:class", r"(ptth_sync\.(connection|stream|engine(\.(connection|settings|stream))?)\.)?"
+                  r"(Connection|ConnectionSettings|Stream)"),
     # Names the Router's docstrings give unqualified, for internals.
     (r"py:func", r"server_context"),
     (r"py:attr", r"shared_metrics"),

@@ -67,7 +67,7 @@ from .addresses import Address, format_address, parse_addresses
 from .backend import Backend
 from .backend.wsgi import handle_request
 from .cli import MAX_BACKOFF_DEFAULT, MIN_BACKOFF_MAX, check_backoff_max, check_routers, check_threads, check_tunnels
-from .connection import Stream
+from .engine import Stream
 from .gunicorn_base import ThreadedWorker
 from .origins import normalize_origin
 from .tls import TLSConfigError, client_context

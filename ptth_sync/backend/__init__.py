@@ -23,7 +23,7 @@ from ..cli import (
     check_threads,
     check_tunnels,
 )
-from ..connection import Connection, ConnectionSettings, Stream
+from ..engine import Connection, ConnectionSettings, Stream
 from ..handshake import HandshakeFailed, HandshakeRefused, dial_upgrade, goaway_refusal, wrong_answer_refusal
 from ..origins import ANY, normalize_origin
 from ..tls import TLSChannel

@@ -54,11 +54,11 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Collection, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Deque, Dict, List, Optional, Sequence, Tuple, cast
 
 from h2.errors import ErrorCodes
 
-from ..connection import Connection, Stream
+from ..engine import Connection, Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout
 from ..headers import InvalidHeader, build_environ, encode_response_headers
 from ..websocket import GOING_AWAY, FrameTracker, close_frame, credit_batch, valid_key
@@ -138,7 +138,7 @@ class TunnelSocket:
     @property
     def connection(self) -> Connection:
         """The tunnel that carries the WebSocket."""
-        return self._stream.connection
+        return cast("Connection", self._stream.connection)  # (a stream knows its connection as a StreamOwner)
 
     @property
     def accepted(self) -> bool:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from h2.errors import ErrorCodes
 
-from ..connection import Stream
+from ..engine import Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset
 from ..headers import InvalidHeader, build_environ, encode_response_headers
 

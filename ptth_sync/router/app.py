@@ -16,7 +16,7 @@ from h2.errors import ErrorCodes
 
 from ..access import TunnelAccess
 from ..addresses import Address, AddressLike, format_address, parse_address
-from ..connection import Connection, ConnectionSettings, Stream
+from ..engine import Connection, ConnectionSettings, Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout
 from ..handshake import HandshakeFailed, HandshakeRefused, accept_upgrade
 from ..headers import InvalidHeader, header_list_size, request_headers, response_headers, response_status

@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:
-    from ..connection import Connection
+    from ..engine import Connection
 
 __all__ = [
     "CONTENT_TYPE",

@@ -3,7 +3,7 @@
 A new connection on the tunnel port is a socket and a few bytes until it has
 said how it opens: ``GET `` and a whole PTTH upgrade request, or anything else
 (the backend's HTTP/2 SETTINGS: the plain wire). Only then does it get the
-threads of a :class:`~ptth_sync.connection.Connection`. A peer silent for
+threads of a :class:`~ptth_sync.engine.Connection`. A peer silent for
 ``first_bytes_wait`` seconds is greeted with the HTTP/2 client preface (a
 plain-wire backend may wait for it) and still holds no thread until it
 answers. Every opening has a deadline (``handshake_timeout``).
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Dict, Optional
 
 from h2.errors import ErrorCodes
 
-from ..connection import Connection
+from ..engine import Connection
 from ..handshake import (
     MAX_HEAD,
     PLAIN_WIRE_REFUSED,

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Collection, Deque, Dict, List, Optional
 
-from ..connection import Connection
+from ..engine import Connection
 from ..origins import ANY
 
 __all__ = ["TunnelPool"]

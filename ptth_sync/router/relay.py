@@ -43,7 +43,7 @@ from .checks import CLOSE_CONNECTION
 from .front import SocketWatcher
 
 if TYPE_CHECKING:
-    from ..stream import Stream
+    from ..engine import Stream
     from .app import Proxied
     from .front import WaitingClient
 

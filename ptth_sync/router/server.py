@@ -32,7 +32,7 @@ from ..cli import (
     thread_count,
     worker_count,
 )
-from ..connection import ConnectionSettings
+from ..engine import ConnectionSettings
 from ..tls import TLSConfigError, load_chain, server_context
 from .admin import SharedMetrics, is_loopback
 from .app import Router

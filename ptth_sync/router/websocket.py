@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
 
 from h2.errors import ErrorCodes
 
-from ..connection import Connection, Stream
+from ..engine import Connection, Stream
 from ..errors import ConnectionClosed, StreamReset, StreamTimeout
 from ..headers import InvalidHeader, header_list_size, response_headers, response_status
 from ..sockets import IOV_MAX, unsent

@@ -15,6 +15,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import pytest
+from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -118,6 +119,24 @@ def test_header_blocks_are_written_exactly_as_stock_h2_writes_them():
     events = our_client.receive_data(responses[1])
     assert [type(event).__name__ for event in events] == [
         "InformationalResponseReceived", "ResponseReceived", "StreamEnded", "ResponseReceived", "StreamEnded"]
+
+
+def test_frames_on_a_stream_we_reset_are_answered_exactly_as_stock_h2_answers_them():
+    """The engine's copy of h2's ``_receive_frame``: a late frame on a reset stream gets RST_STREAM, and only that."""
+    answers = []
+    for server_class in (h2.connection.H2Connection, _H2Connection):
+        client, server = handshaken(server_class)
+        for stream_id in (1, 3):
+            client.send_headers(stream_id, REQUEST)
+        server.receive_data(client.data_to_send())
+        server.reset_stream(1, ErrorCodes.CANCEL)
+        wire(server)
+        client.send_data(1, b"late")
+        client.send_data(3, b"in time", end_stream=True)
+        events = server.receive_data(client.data_to_send())
+        answers.append(([type(event).__name__ for event in events], wire(server)))
+    assert answers[1] == answers[0]
+    assert answers[1][0] == ["DataReceived", "StreamEnded"]  # stream 3's; stream 1's DATA only got a reset
 
 
 def test_large_payloads_are_queued_as_the_callers_objects():
