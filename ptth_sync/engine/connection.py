@@ -6,10 +6,12 @@ uses it as the HTTP/2 client, the backend as the HTTP/2 server.
 Theory of operation
 -------------------
 
-Threads. Exactly one *reader* thread per connection calls ``recv``; it feeds
-the bytes to h2 under the connection lock and dispatches the resulting events
-to their :class:`~ptth_sync.engine.stream.Stream` (:mod:`~ptth_sync.engine.reader`,
-:mod:`~ptth_sync.engine.events`). Any number of *user* threads (router request
+Threads. Exactly one *reader* per connection calls ``recv``; it feeds the
+bytes to h2 under the connection lock and dispatches the resulting events to
+their :class:`~ptth_sync.engine.stream.Stream` (:mod:`~ptth_sync.engine.reader`,
+:mod:`~ptth_sync.engine.events`). The reader is a thread of the connection's
+own, or the caller's event loop (``start(read_in_thread=False)``, then
+:meth:`Connection.read_available` when the socket is readable). Any number of *user* threads (router request
 threads, backend pool threads) open streams, send and read through
 :class:`~ptth_sync.engine.stream.Stream` methods (:mod:`~ptth_sync.engine.streamops`).
 One *writer* thread sends the bytes the reader produced (window updates,
@@ -139,18 +141,51 @@ class Connection(ReaderLoop):
 
     # -- life cycle --------------------------------------------------------
 
-    def start(self, initial_data: bytes = b"") -> None:
+    def start(self, initial_data: bytes = b"", read_in_thread: bool = True) -> None:
         """Send our preface and settings and start the reader and writer threads.
 
         ``initial_data``: more bytes already read from the socket (after :meth:`prepare`).
+        With ``read_in_thread`` False no reader thread starts: the caller's
+        own loop reads instead (:meth:`read_available`), for a plain socket.
         """
         self._initial_data += initial_data
         self.prepare()
-        self._reader = threading.Thread(target=self._read_loop, name=f"ptth-reader {self.name}", daemon=True)
         self._writer = threading.Thread(target=self._outbox.write_loop, name=f"ptth-writer {self.name}", daemon=True)
         self._writer.start()
-        self._reader.start()
+        if read_in_thread:
+            self.read_in_thread()
         self._outbox.kick()
+
+    def read_in_thread(self) -> None:
+        """Start the reader thread; for a connection started without one, once its caller stops reading it."""
+        self._reader = threading.Thread(target=self._read_loop, name=f"ptth-reader {self.name}", daemon=True)
+        self._reader.start()
+
+    # -- reading from the caller's loop (started with read_in_thread=False) --
+
+    def read_available(self) -> Optional[str]:
+        """The socket is readable: take in what it holds, without blocking, and act on it.
+
+        Returns None, or the reason the connection ended: the caller then
+        stops watching the socket and calls :meth:`end_reading` with it.
+        Listeners and callbacks run on the caller's thread, as on a reader's.
+        """
+        return self._receive_available()
+
+    def next_timer(self) -> Optional[float]:
+        """When :meth:`run_timers` has something to do next (``time.monotonic()`` time); None: never."""
+        return self._timer_due()
+
+    def run_timers(self) -> Optional[str]:
+        """Act on a due timer (PING the peer, or give up on it); the reason the connection ended, if it did."""
+        due = self._timer_due()
+        if due is None or due > time.monotonic():
+            return None
+        return self._on_quiet()
+
+    def end_reading(self, reason: str) -> None:
+        """The caller's loop is done with this connection's socket: close it, and call ``on_close``."""
+        self._end_reading(reason, final_send_may_block=False)
 
     def prepare(self) -> None:
         """Queue our preface and settings, with no thread yet; :meth:`start` does it if not done.
@@ -193,7 +228,7 @@ class Connection(ReaderLoop):
     @property
     def started(self) -> bool:
         """True once :meth:`start` ran (its threads exist)."""
-        return self._reader is not None
+        return self._writer is not None
 
     @property
     def alive(self) -> bool:

@@ -1,10 +1,13 @@
-"""The reader thread: receive, feed h2 under the state lock, dispatch, wake; and the peer's timers.
+"""The reader: receive, feed h2 under the state lock, dispatch, wake; and the peer's timers.
 
-Exactly one reader thread per connection calls ``recv``. It never sends on a
-socket that could block and never waits for the write lock: what a batch of
-frames asks back goes out only if the socket takes it at once, else the
-writer thread sends it (:mod:`~ptth_sync.engine.outbox`). Streams' listeners
-run on this thread, after the state lock is released.
+Exactly one reader per connection calls ``recv``: a thread of its own
+(:meth:`ReaderLoop._read_loop`), or the caller's event loop, which calls
+:meth:`ReaderLoop._receive_available` when the socket is readable and the
+timers when due. It never sends on a socket that could block and never waits
+for the write lock: what a batch of frames asks back goes out only if the
+socket takes it at once, else the writer thread sends it
+(:mod:`~ptth_sync.engine.outbox`). Streams' listeners run on the reader,
+after the state lock is released.
 
 Reading. The reader asks the socket for the rest of a large DATA frame
 exactly, so the payload arrives in blocks of its own that reach the stream's
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import ssl
 import threading
 import time
@@ -38,6 +42,9 @@ __all__ = ["ReaderLoop"]
 
 log = logging.getLogger("ptth_sync.connection")
 
+#: Bytes one driven read takes in at most before the caller's other sockets get their turn.
+_DRIVEN_BUDGET = 1 << 20
+
 
 class ReaderLoop(EventDispatch):
     """The reader thread's loop (:meth:`_read_loop`), the settings and PING timers, and the listeners' calls."""
@@ -50,29 +57,34 @@ class ReaderLoop(EventDispatch):
             log.exception("tunnel %s: unexpected error in the reader", self.name)
             reason = f"internal error: {exc!r}"
         finally:
-            with self._lock:
-                self._fail(reason)
-                reason = self._error.reason if self._error is not None else reason
-                listening = [stream for stream in self._streams.values() if stream.listener is not None]
-            for stream in listening:
-                self._notify(stream)
+            self._end_reading(reason)
+
+    def _end_reading(self, reason: str, final_send_may_block: bool = True) -> None:
+        """The reading is over: fail what is left, close the socket, call ``on_close`` (once)."""
+        with self._lock:
+            self._fail(reason)
+            reason = self._error.reason if self._error is not None else reason
+            listening = [stream for stream in self._streams.values() if stream.listener is not None]
+        for stream in listening:
+            self._notify(stream)
+        if final_send_may_block:
             self._outbox.send_final_bytes()
-            linger_close(self.sock)
-            self.close_reason = reason
-            self._closed.set()
-            self._ready.set()  # wakes wait_ready(); `ready` stays False once dead
-            if self._on_close is not None:
-                try:
-                    self._on_close(self, reason)
-                except Exception:  # Defensive: a callback bug must not kill the reader silently
-                    log.exception("tunnel %s: on_close callback failed", self.name)
+        else:
+            self._outbox.send_without_blocking()
+        linger_close(self.sock)
+        self.close_reason = reason
+        self._closed.set()
+        self._ready.set()  # wakes wait_ready(); `ready` stays False once dead
+        if self._on_close is not None:
+            try:
+                self._on_close(self, reason)
+            except Exception:  # Defensive: a callback bug must not kill the reader silently
+                log.exception("tunnel %s: on_close callback failed", self.name)
 
     def _receive_until_closed(self) -> str:
         sock = self.sock
         recv_size = self.settings.recv_size
-        incoming = self._h2.incoming_buffer
-        next_read = incoming.next_read
-        outbox = self._outbox
+        next_read = self._h2.incoming_buffer.next_read
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes already
@@ -95,65 +107,111 @@ class ReaderLoop(EventDispatch):
                     if self._error is not None:
                         return self._error.reason
                     return f"read failed: {exc}"
-            if not data:
-                if self._error is not None:
-                    return self._error.reason
-                return "peer closed the connection"
-            if not self.first_bytes:
-                self.first_bytes = bytes(data[:256])
-            self._last_received = time.monotonic()
-            new_requests: List[Stream] = []
-            became_ready = False
-            with self._lock:
-                if self._error is not None:
-                    return self._error.reason
+            reason = self._take_in(data)
+            if reason is not None:
+                return reason
+
+    def _receive_available(self) -> Optional[str]:
+        """Driven reading: take in what the socket holds now, without blocking; the reason it ended, if it did.
+
+        Stops once a ``recv`` returns less than it asked for (the socket is
+        most likely empty: the caller's selector says when more comes), or
+        after ``_DRIVEN_BUDGET`` bytes, to leave the caller's other sockets their turn.
+        """
+        try:
+            early, self._initial_data = self._initial_data, b""
+            if early:
+                reason = self._take_in(early)
+                if reason is not None:
+                    return reason
+            sock = self.sock
+            recv_size = self.settings.recv_size
+            next_read = self._h2.incoming_buffer.next_read
+            budget = _DRIVEN_BUDGET
+            while budget > 0:
+                wanted = next_read(recv_size)
                 try:
-                    events = self._h2.receive_data(data)
-                except h2.exceptions.ProtocolError as exc:
-                    outbox.queue_output()  # the GOAWAY h2 prepared
-                    return f"protocol error from peer: {_describe(exc)}"
-                abuse = self._limits.check(events, incoming)
-                if abuse is not None:
-                    code = ErrorCodes.FRAME_SIZE_ERROR if "overlong frame" in abuse else ErrorCodes.ENHANCE_YOUR_CALM
-                    self._goaway_locked(code, abuse)
-                    return abuse
-                ended = None
-                wake: Set[Stream] = set()
-                for event in events:
-                    ended = self._dispatch(event, new_requests, wake)
-                    if isinstance(event, h2.events.RemoteSettingsChanged) and not self._ready.is_set():
-                        became_ready = True
-                    if ended is not None:
-                        break
-                # Wake each stream once per batch, after the lock is released.
-                to_wake: List[threading.Lock] = []
-                listening: List[Stream] = []
-                for stream in wake:
-                    if stream._waiting:
-                        to_wake += stream._waiting.take()
-                    if stream.listener is not None:
-                        listening.append(stream)
-                if self._slots_freed != 0 and self._capacity_waiting:
-                    to_wake += self._capacity_waiting.take(self._slots_freed)
-                self._slots_freed = 0
-                outbox.queue_output()
-                if outbox.buffers and outbox.queued_bytes - outbox.attempted_bytes > self.settings.max_unsent_bytes:
-                    ended = ended or "peer does not read what we send"
-            release(to_wake)
-            for stream in listening:
-                self._notify(stream)
-            if outbox.buffers:
-                outbox.send_without_blocking()
-            if ended is not None:
-                return ended
-            if became_ready:
-                self.was_ready = True
-                self._ready.set()
-                if self._on_ready is not None:
-                    self._on_ready(self)
-            if self._on_request is not None:
-                for stream in new_requests:
-                    self._on_request(stream)
+                    data = sock.recv(wanted, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    return None
+                except OSError as exc:
+                    if self._error is not None:
+                        return self._error.reason
+                    return f"read failed: {exc}"
+                reason = self._take_in(data)
+                if reason is not None:
+                    return reason
+                if len(data) < wanted:
+                    return None
+                budget -= len(data)
+            return None
+        except Exception as exc:  # Defensive: a bug must not leave the tunnel half alive
+            log.exception("tunnel %s: unexpected error in the reader", self.name)
+            return f"internal error: {exc!r}"
+
+    def _take_in(self, data: bytes) -> Optional[str]:
+        """Feed received bytes to h2 and act on the events; the reason the connection ends, if it does."""
+        if not data:
+            if self._error is not None:
+                return self._error.reason
+            return "peer closed the connection"
+        if not self.first_bytes:
+            self.first_bytes = bytes(data[:256])
+        self._last_received = time.monotonic()
+        outbox = self._outbox
+        new_requests: List[Stream] = []
+        became_ready = False
+        with self._lock:
+            if self._error is not None:
+                return self._error.reason
+            try:
+                events = self._h2.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                outbox.queue_output()  # the GOAWAY h2 prepared
+                return f"protocol error from peer: {_describe(exc)}"
+            abuse = self._limits.check(events, self._h2.incoming_buffer)
+            if abuse is not None:
+                code = ErrorCodes.FRAME_SIZE_ERROR if "overlong frame" in abuse else ErrorCodes.ENHANCE_YOUR_CALM
+                self._goaway_locked(code, abuse)
+                return abuse
+            ended = None
+            wake: Set[Stream] = set()
+            for event in events:
+                ended = self._dispatch(event, new_requests, wake)
+                if isinstance(event, h2.events.RemoteSettingsChanged) and not self._ready.is_set():
+                    became_ready = True
+                if ended is not None:
+                    break
+            # Wake each stream once per batch, after the lock is released.
+            to_wake: List[threading.Lock] = []
+            listening: List[Stream] = []
+            for stream in wake:
+                if stream._waiting:
+                    to_wake += stream._waiting.take()
+                if stream.listener is not None:
+                    listening.append(stream)
+            if self._slots_freed != 0 and self._capacity_waiting:
+                to_wake += self._capacity_waiting.take(self._slots_freed)
+            self._slots_freed = 0
+            outbox.queue_output()
+            if outbox.buffers and outbox.queued_bytes - outbox.attempted_bytes > self.settings.max_unsent_bytes:
+                ended = ended or "peer does not read what we send"
+        release(to_wake)
+        for stream in listening:
+            self._notify(stream)
+        if outbox.buffers:
+            outbox.send_without_blocking()
+        if ended is not None:
+            return ended
+        if became_ready:
+            self.was_ready = True
+            self._ready.set()
+            if self._on_ready is not None:
+                self._on_ready(self)
+        if self._on_request is not None:
+            for stream in new_requests:
+                self._on_request(stream)
+        return None
 
     def _notify(self, stream: Stream) -> None:
         """Call a stream's listener (reader thread, no lock held); its failure ends that stream only."""
@@ -166,18 +224,23 @@ class ReaderLoop(EventDispatch):
 
     def _poll_timeout_ms(self) -> int:
         """How long the reader may wait for bytes before a timer is due."""
+        due = self._timer_due()
+        if due is None:
+            return -1
+        return max(int((due - time.monotonic()) * 1000) + 1, 0)
+
+    def _timer_due(self) -> Optional[float]:
+        """When the next timer (SETTINGS deadline, PING, PING deadline) is due; None: no timer."""
         s = self.settings
         if not self._ready.is_set():
             if s.settings_timeout <= 0:
-                return -1
-            due = self._started_at + s.settings_timeout
-        elif self._ping_sent_at is not None:
-            due = self._ping_sent_at + s.ping_timeout
-        elif s.ping_interval > 0:
-            due = self._last_received + s.ping_interval
-        else:
-            return -1
-        return max(int((due - time.monotonic()) * 1000) + 1, 0)
+                return None
+            return self._started_at + s.settings_timeout
+        if self._ping_sent_at is not None:
+            return self._ping_sent_at + s.ping_timeout
+        if s.ping_interval > 0:
+            return self._last_received + s.ping_interval
+        return None
 
     def _on_quiet(self) -> Optional[str]:
         """The peer said nothing for a while: PING it, or give up on it."""

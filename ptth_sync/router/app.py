@@ -166,6 +166,9 @@ class Router:
         self._gone = threading.Condition(self._lock)  # a tunnel's close callback has finished
         self._closed = False
         self._tls_openings = 0  # TLS handshakes running, each on a thread
+        #: A loop that reads plain tunnels itself instead of a reader thread each (a router worker's front:
+        #: see tunnel_reading.py); it returns False once it no longer does.
+        self.tunnel_loop: Optional[Callable[[Connection], bool]] = None
 
     # -- tunnels --------------------------------------------------------------
 
@@ -229,8 +232,19 @@ class Router:
             self._connections[id(connection)] = connection
             self._origins[id(connection)] = origin
         if start:
-            connection.start()
+            self.start_connection(connection)
         return connection
+
+    def start_connection(self, connection: Connection, initial_data: bytes = b"") -> None:
+        """Start a tunnel's connection: read by :attr:`tunnel_loop` if set (a plain socket), else by a thread."""
+        adopt = self.tunnel_loop
+        sock = connection.sock
+        if adopt is None or not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):  # TLS: a thread
+            connection.start(initial_data)
+            return
+        connection.start(initial_data, read_in_thread=False)
+        if not adopt(connection):
+            connection.read_in_thread()
 
     def start_tunnel(
         self, sock: socket.socket, initial_data: bytes, origin: str, start: bool = True
@@ -794,6 +808,10 @@ class Router:
         log.info("%s %s: 400, %s", method, target, body.failure)
         environ[CLOSE_CONNECTION] = True
         return self._reply_error(start_response, 400, "Bad Request", str(body.failure), started, body)
+
+    def route(self, environ: Dict[str, Any]) -> Optional[str]:
+        """The origin whose tunnels would serve a request now (``*``: the default pool); None: no tunnel does."""
+        return self._route(environ) if self.pool.has_origins else ANY
 
     def _route(self, environ: Dict[str, Any]) -> Optional[str]:
         """The origin whose tunnels serve this request (``*``: the default pool); None when none does."""

@@ -271,6 +271,14 @@ class ClientFront:
         client.deadline = time.monotonic() + (timeout or self.header_timeout)
         self._wait(client)
 
+    def watch_socket(self, sock: Any, watcher: SocketWatcher) -> None:
+        """(In the loop.) Watch ``sock`` for what ``watcher`` wants (a tunnel's socket, say)."""
+        self._watch(sock, watcher)
+
+    def unwatch_socket(self, sock: Any) -> None:
+        """(In the loop.) Stop watching ``sock``; before it is closed."""
+        self._unregister(sock)
+
     def _take_watch_changes(self) -> None:
         if not self._watch_changes:
             return

@@ -151,7 +151,7 @@ class PendingTunnels:
                 return
             self._forget(pending)
             pending.sock.setblocking(True)
-            pending.connection.start(data)
+            self._router.start_connection(pending.connection, data)
             return
         pending.received += data
         received = pending.received

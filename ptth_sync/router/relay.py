@@ -106,6 +106,8 @@ class Relay(SocketWatcher):
         self.request_start = request_start
         self.timeout = timeout
         self.proxied: Optional[Proxied] = None
+        #: The origin whose tunnels serve it (its line when it waits for a stream: see RouterWorker._begin_parked).
+        self.origin: Optional[str] = None
         #: Orders the threads that move this request on (the front's, the tunnel reader's).
         self.lock = threading.Lock()
         self._pending: List[Any] = []  # bytes for the client not sent yet

@@ -48,6 +48,7 @@ from .checks import CLOSE_CONNECTION
 from .front import ClientFront, WaitingClient, head_complete
 from .limits import descriptor_budget
 from .relay import Relay, ResponseSink
+from .tunnel_reading import LoopReading
 from .websocket import WEBSOCKET, AcceptedWebSocket, WebSocketRelay, relay_on_this_thread
 
 __all__ = ["ClientConnectionLoop", "RouterWorker"]
@@ -314,6 +315,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
     relay_requests: bool = True
     #: Bind the worker process to one CPU (``--cpu-affinity auto``; see :func:`bind_to_cpu`).
     cpu_affinity: bool = False
+    #: The tunnels the main loop reads (set by :meth:`run`).
+    _reading: LoopReading
 
     def init_process(self) -> None:
         if self.cpu_affinity:  # before any thread starts: they inherit it
@@ -329,7 +332,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         #: Tunnels with relayed requests queued but not sent yet (main thread only).
         self._queued: Set[Any] = set()
         #: Relayed requests waiting for a tunnel with a stream free, oldest first (main thread only).
-        self._parked: Deque[Relay] = collections.deque()
+        self._parked: Dict[Optional[str], Deque[Relay]] = {}
         #: Relayed requests that need a thread after all, found so on a tunnel's reader (under _relays_lock).
         self._retries: List[Relay] = []
         #: WebSockets opened by a request thread, for it to hand over once it let go of the connection.
@@ -348,27 +351,34 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             max_head=self.cfg.limit_request_line + self.cfg.limit_request_fields * self.cfg.limit_request_field_size,
             ssl_context=context,
             may_accept=self.wsgi.takes_clients,
-            after_events=self._send_queued,
+            after_events=self._after_events,
             busy_readable=self._busy_readable,
         )
         for listener in self.sockets:
             front.add_listener(listener)
         front.watch(self.PIPE[0], self.drain_pipe)
+        reading = self._reading = LoopReading(front, self.wake)
+        self.wsgi.tunnel_loop = reading.adopt  # the tunnels accepted from now on are read in this loop
         interval = min(1.0, self.timeout / 2 if self.timeout else 1.0)
         next_beat = 0.0
-        while self.alive:
-            now = time.monotonic()
-            if now >= next_beat:  # (the arbiter's heartbeat, not at every wake-up: each costs two syscalls)
-                next_beat = now + interval / 2
-                self.notify()
-                if not self.is_parent_alive():
-                    break
-            # In a fleet of router processes, one without a tunnel leaves clients to the others.
-            taking = self.wsgi.takes_clients()
-            front.set_accepting(taking)
-            front.poll(interval if taking else min(interval, 0.1))
-            self._check_relays()
-        self._stop_gracefully()
+        try:
+            while self.alive:
+                now = time.monotonic()
+                if now >= next_beat:  # (the arbiter's heartbeat, not at every wake-up: each costs two syscalls)
+                    next_beat = now + interval / 2
+                    self.notify()
+                    if not self.is_parent_alive():
+                        break
+                # In a fleet of router processes, one without a tunnel leaves clients to the others.
+                taking = self.wsgi.takes_clients()
+                front.set_accepting(taking)
+                front.poll(reading.timeout(interval if taking else min(interval, 0.1)))
+                reading.run_timers()
+                self._check_relays()
+            self._stop_gracefully()
+        finally:
+            self.wsgi.tunnel_loop = None
+            reading.stop()  # each tunnel gets its reader thread back: the router closes them as before
 
     def _handoff(self, client: WaitingClient) -> None:
         if not (self.relay_requests and self._relay(client)):
@@ -422,8 +432,10 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         relay.body_length, relay.body_buffered, relay.streamed = length, buffered, streamed
         with self._relays_lock:
             self._relays[id(relay)] = relay
-        if self._parked:
-            self._parked.append(relay)  # after those that wait already for a stream
+        relay.origin = self.wsgi.route(environ)
+        line = self._parked.get(relay.origin)
+        if line:
+            line.append(relay)  # after those that wait already for a stream of the same tunnels
         else:
             self._begin(relay)
         return True
@@ -442,7 +454,10 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
                 relay.abort(broken=False)
                 return
             if outcome is TUNNELS_FULL:
-                self._parked.append(relay)
+                line = self._parked.get(relay.origin)
+                if line is None:
+                    line = self._parked[relay.origin] = collections.deque()
+                line.append(relay)
                 return
             if outcome is None:
                 relay.done = True
@@ -461,16 +476,23 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             self.want_events(relay)
 
     def _begin_parked(self) -> None:
-        """(Main thread.) Start the relayed requests that wait for a stream, oldest first, while tunnels take them."""
-        parked = self._parked
-        while parked:
-            relay = parked.popleft()
-            if relay.done:  # timed out meanwhile (see Relay.check)
-                continue
-            self._begin(relay)
-            if parked and parked[-1] is relay:  # still full: it goes back to the head of the line
-                parked.rotate(1)
-                return
+        """(Main thread.) Start the relayed requests that wait for a stream, oldest first in each line (one line
+        per origin: the requests for one origin never wait for another's tunnels), while tunnels take them."""
+        for origin, line in list(self._parked.items()):
+            while line:
+                relay = line.popleft()
+                if relay.done:  # timed out meanwhile (see Relay.check)
+                    continue
+                self._begin(relay)
+                if line and line[-1] is relay:  # still full: it goes back to the head of the line
+                    line.rotate(1)
+                    break
+            if not line:
+                del self._parked[origin]
+
+    def _after_events(self) -> None:
+        self._reading.take_adopted()
+        self._send_queued()
 
     def _send_queued(self) -> None:
         """After a batch of events: start parked requests; send the requests relayed meanwhile, one write per
@@ -489,10 +511,12 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
 
     def unpark(self, relay: Relay) -> bool:
         """(Main thread.) Take a relay out of the line for a stream; False if it was not in it."""
-        try:
-            self._parked.remove(relay)
-        except ValueError:
+        line = self._parked.get(relay.origin)
+        if line is None or relay not in line:
             return False
+        line.remove(relay)
+        if not line:
+            del self._parked[relay.origin]
         return True
 
     def _server_name(self, listener: Any) -> Any:
@@ -506,7 +530,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         relay.client.owner = None
         with self._relays_lock:
             self._relays.pop(id(relay), None)
-            if threading.current_thread() is not threading.main_thread():
+            if threading.current_thread() is not threading.main_thread() or self._reading.reading:
                 self._retries.append(relay)  # the main loop hands it over (see _send_queued)
                 relay = None
         if relay is None:
@@ -631,7 +655,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             wait = min(remaining, 0.5)
             if websockets_at is not None:
                 wait = min(wait, max(websockets_at - time.monotonic(), 0.0))
-            front.poll(wait)
+            front.poll(self._reading.timeout(wait))
+            self._reading.run_timers()
             self._check_relays()
 
     def _serve_client(self, client: WaitingClient, begun: Optional[Relay] = None) -> None:

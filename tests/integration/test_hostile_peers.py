@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import selectors
 import socket
 import threading
 import time
@@ -794,21 +795,52 @@ def _serialize(frame: Any) -> bytes:
     return frame if isinstance(frame, bytes) else frame.serialize()
 
 
+class _LoopReader:
+    """A loop that reads one connection from its selector, as a router worker's front loop reads its tunnels."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.thread = threading.Thread(target=self._run, name="ptth-loop under test", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        connection = self.connection
+        with selectors.DefaultSelector() as selector:
+            selector.register(connection.sock, selectors.EVENT_READ)
+            reason = connection.read_available()
+            while reason is None:
+                due = connection.next_timer()
+                timeout = None if due is None else max(0.0, due - time.monotonic())
+                if selector.select(timeout):
+                    reason = connection.read_available()
+                if reason is None:
+                    reason = connection.run_timers()
+            selector.unregister(connection.sock)
+        connection.end_reading(reason)
+
+
 def _fuzz_one(role: str, frames: List[Any]) -> str:
-    """Feed ``frames`` to a fresh connection in ``role``; it must survive (and answer a PING) or close with a reason."""
+    """Feed ``frames`` to a fresh connection in ``role``; it must survive (and answer a PING) or close with a reason.
+
+    Role ``router-loop``: the router's connection read from a loop's selector (no reader thread).
+    """
     ours, theirs = tcp_pair()
     reasons: List[str] = []
     connection = Connection(
         theirs,
-        client_side=role == "router",
+        client_side=role.startswith("router"),
         on_request=lambda stream: None,
         on_close=lambda conn, reason: reasons.append(reason),
         name="under test",
     )
-    connection.start()
+    if role == "router-loop":
+        connection.start(read_in_thread=False)
+        _LoopReader(connection)
+    else:
+        connection.start()
     peer = H2Peer(ours)
     try:
-        if role == "router":
+        if role.startswith("router"):
             peer.server_handshake(timeout=2)
             assert connection.wait_ready(2)
             connection.open_stream([(k.encode(), v.encode()) for k, v in REQUEST], end_stream=False, timeout=2)
@@ -835,7 +867,7 @@ def _fuzz_one(role: str, frames: List[Any]) -> str:
         assert connection.wait_closed(2), "the connection did not close"
 
 
-@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("role", [*ROLES, "router-loop"])
 def test_fuzzed_frame_sequences_never_hang_or_crash_the_connection(role):
     baseline = threading.active_count()
     outcomes: List[str] = []

@@ -1,0 +1,150 @@
+"""A router worker reads its plain tunnels in its front loop, without a reader thread each.
+
+What a tunnel's reader thread guarded, tested from a hostile backend's side
+against a real router process: the loop never blocks on a tunnel (a peer that
+stops reading, a peer that floods), the peer's timers still run (a silent peer
+is PINGed and dropped), and every other tunnel and client carries on. The
+hostile peer registers its own origin, so that the good origin's requests
+never reach it and their times measure the loop alone.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+from typing import List
+
+import pytest
+from hyperframe.frame import PingFrame
+
+from ptth_sync.handshake import dial_upgrade
+from ptth_sync.origins import normalize_origin
+from tests.conftest import RouterProcess, wait_until
+from tests.h2peer import H2Peer
+from tests.system.test_slow_clients import served_once, status, worker_pid
+
+GOOD = "good.example"
+EVIL = "evil.example"
+#: A GET to the good origin while the hostile tunnel does its worst: the loop must answer it within this.
+PROMPT = 1.0
+
+
+def get(router: RouterProcess, host: str = GOOD, path: str = "/foo", timeout: float = 10) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection(router.http_host, router.http_port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        response.read()
+        return response
+    finally:
+        conn.close()
+
+
+def timed_good_get(router: RouterProcess) -> float:
+    started = time.monotonic()
+    response = get(router)
+    assert response.status == 200, router.output()[-3000:]
+    return time.monotonic() - started
+
+
+def hostile_tunnel(router: RouterProcess, origin: str = EVIL) -> H2Peer:
+    """A fake backend: a PTTH upgrade for ``origin``, then HTTP/2 frames as the test writes them."""
+    sock = socket.create_connection((router.tunnel_host, router.tunnel_port), timeout=5)
+    early = dial_upgrade(sock, router.tunnel_address, None, normalize_origin(f"http://{origin}"))
+    assert not early, early  # (the router speaks once it read our SETTINGS)
+    peer = H2Peer(sock)
+    peer.server_handshake()
+    return peer
+
+
+def threads(pid: int) -> int:
+    return status(pid, "Threads")
+
+
+@pytest.fixture
+def two_origins(router_process, backend_process):
+    """A router whose good origin is served by a real backend; returns (router, worker pid)."""
+    router = router_process("--timeout", "3")
+    served_once(router)
+    backend_process("tests.apps:hello", router.tunnel_address, "--origin", f"http://{GOOD}")
+    router.wait_tunnels(1)
+    assert timed_good_get(router) < 5
+    return router, worker_pid(router.proc.pid)
+
+
+def test_a_plain_tunnel_costs_the_worker_a_writer_thread_and_no_reader(router_process, backend_process):
+    router = router_process()
+    served_once(router)
+    worker = worker_pid(router.proc.pid)
+    before = threads(worker)
+    backend_process("tests.apps:hello", router.tunnel_address, "--tunnels", "4")
+    router.wait_tunnels(4)
+    for _ in range(8):
+        assert get(router, host="any.example").status == 200
+    assert threads(worker) == before + 4, f"{threads(worker)} threads, {before} before 4 tunnels joined"
+
+
+def test_a_tunnel_that_floods_control_frames_is_cut_off_while_the_loop_serves(two_origins):
+    router, _ = two_origins
+    peer = hostile_tunnel(router)
+    name = peer.local_name
+    router.wait_tunnels(2)
+    flood = b"".join(PingFrame(0, i.to_bytes(8, "big")).serialize() for i in range(20_000))
+    peer.try_send(flood[: len(flood) // 2])
+    slowest = timed_good_get(router)
+    peer.try_send(flood[len(flood) // 2 :])
+    slowest = max(slowest, timed_good_get(router))
+    router.wait_for_line(rf"Tunnel removed: {name}: peer sent over 500 PING/SETTINGS frames in a second")
+    for _ in range(5):
+        slowest = max(slowest, timed_good_get(router))
+    assert slowest < PROMPT, f"a GET to the good origin took {slowest:.2f}s during the flood"
+    peer.close()
+
+
+def test_a_tunnel_that_stops_reading_never_stalls_the_loop(two_origins):
+    """Requests with 60 KiB bodies to a peer that reads nothing fill the tunnel's socket: the tunnel's
+    writer thread waits on it, the loop does not. Each of those requests ends at --timeout (504)."""
+    router, worker = two_origins
+    peer = hostile_tunnel(router)  # (it never reads again)
+    router.wait_tunnels(2)
+    before = threads(worker)
+    body = b"x" * (60 * 1024)
+    head = (f"POST /upload HTTP/1.1\r\nHost: {EVIL}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    clients: List[socket.socket] = []
+    try:
+        for _ in range(120):  # 7 MiB for a peer that takes none of it
+            sock = socket.create_connection((router.http_host, router.http_port), timeout=5)
+            sock.setblocking(False)
+            try:
+                sock.send(head + body)
+            except BlockingIOError:
+                pass
+            clients.append(sock)
+        slowest = max(timed_good_get(router) for _ in range(10))
+        assert slowest < PROMPT, f"a GET to the good origin took {slowest:.2f}s beside a tunnel that stopped reading"
+        assert threads(worker) <= before + 2, f"{threads(worker)} worker threads, {before} before"
+        # Each hostile request ends: a 504 from the router, or its connection cut (a body it could not send).
+        wait_until(lambda: router.count_lines("504, tunnel") + router.count_lines("Closing connection") > 0, 15,
+                   what=lambda: f"the requests to the stalled tunnel to end:\n{router.output()[-3000:]}")
+        slowest = max(timed_good_get(router) for _ in range(5))
+        assert slowest < PROMPT, f"a GET to the good origin took {slowest:.2f}s after the timeouts"
+    finally:
+        for sock in clients:
+            sock.close()
+        peer.close()
+
+
+def test_a_silent_tunnel_is_pinged_and_dropped_by_the_loop(router_process, backend_process):
+    router = router_process("--ping-interval", "0.5", "--ping-timeout", "0.5")
+    served_once(router)
+    backend_process("tests.apps:hello", router.tunnel_address, "--origin", f"http://{GOOD}")
+    router.wait_tunnels(1)
+    peer = hostile_tunnel(router)  # reads, but answers nothing
+    name = peer.local_name
+    router.wait_tunnels(2)
+    router.wait_for_line(rf"Tunnel removed: {name}: no answer to PING within 0.5s", timeout=10)
+    assert peer.wait_closed(5)
+    assert timed_good_get(router) < PROMPT
+    assert router.count_lines("Tunnel removed") == 1, router.output()  # the real backend answers its PINGs
+    peer.close()
