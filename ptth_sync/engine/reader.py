@@ -104,9 +104,7 @@ class ReaderLoop(EventDispatch):
                 except ssl.SSLWantReadError:
                     continue  # a partial TLS record: poll again
                 except OSError as exc:
-                    if self._error is not None:
-                        return self._error.reason
-                    return f"read failed: {exc}"
+                    return self._read_failure(exc)
             reason = self._take_in(data)
             if reason is not None:
                 return reason
@@ -135,9 +133,7 @@ class ReaderLoop(EventDispatch):
                 except (BlockingIOError, InterruptedError):
                     return None
                 except OSError as exc:
-                    if self._error is not None:
-                        return self._error.reason
-                    return f"read failed: {exc}"
+                    return self._read_failure(exc)
                 reason = self._take_in(data)
                 if reason is not None:
                     return reason
@@ -148,6 +144,10 @@ class ReaderLoop(EventDispatch):
         except Exception as exc:  # Defensive: a bug must not leave the tunnel half alive
             log.exception("tunnel %s: unexpected error in the reader", self.name)
             return f"internal error: {exc!r}"
+
+    def _read_failure(self, exc: OSError) -> str:
+        """Why the connection ends when ``recv`` failed: its own failure first (a close shuts the socket down)."""
+        return self._error.reason if self._error is not None else f"read failed: {exc}"
 
     def _take_in(self, data: bytes) -> Optional[str]:
         """Feed received bytes to h2 and act on the events; the reason the connection ends, if it does."""
