@@ -1,6 +1,6 @@
 """Applying h2's events to the streams: data, headers, ends, resets, window updates, settings, GOAWAY.
 
-Runs on the reader thread with the state lock held; the streams to wake are
+Runs on the reader with the state lock held; the streams to wake are
 collected and woken once per batch, after the lock is released.
 """
 
@@ -10,6 +10,7 @@ import logging
 from typing import List, Optional, Set
 
 import h2.events
+import h2.exceptions
 from h2.errors import ErrorCodes
 
 from ..errors import ConnectionClosed, StreamReset
@@ -59,7 +60,10 @@ class EventDispatch(StreamOps):
                     # thread has dealt with it, it still costs us: past as many
                     # as the streams we allow, refuse more (safe to retry), or
                     # "rapid reset" would queue unbounded work.
-                    self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                    try:
+                        self._h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                    except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
+                        pass  # the peer reset it itself, in the same batch: nothing left to refuse
                     return None
                 stream = Stream(self, event.stream_id)
                 streams[event.stream_id] = stream

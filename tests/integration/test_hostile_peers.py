@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptth_sync import Backend, Router
-from ptth_sync.connection import Connection
+from ptth_sync.connection import Connection, ConnectionSettings
 from tests import apps
 from tests.conftest import wait_until
 from tests.h2peer import PREFACE, REQUEST, RESPONSE, H2Peer, PeerClosed, raw_frame
@@ -663,6 +663,35 @@ def test_rapid_reset_is_cut_off(router, caplog):
         assert_rss_bounded(before)
     finally:
         arena.close()
+
+
+def test_a_request_reset_in_the_same_batch_past_the_abandoned_limit_is_refused_quietly():
+    """Past as many abandoned streams as it allows, the server refuses new requests; one the peer
+    resets itself in the same read (HEADERS then RST_STREAM in one segment) is already closed in h2:
+    nothing to refuse, and the connection carries on (it died of an internal error before)."""
+    ours, theirs = tcp_pair()
+    reasons: List[str] = []
+    connection = Connection(
+        theirs,
+        client_side=False,
+        settings=ConnectionSettings(max_concurrent_streams=4),
+        on_request=lambda stream: None,  # no thread ever deals with them: each reset one stays abandoned
+        on_close=lambda conn, reason: reasons.append(reason),
+        name="under test",
+    )
+    connection.start()
+    peer = H2Peer(ours)
+    try:
+        peer.client_handshake(timeout=2)
+        assert connection.wait_ready(2)
+        peer.try_send(_rapid_resets(peer, 4))  # four abandoned streams: the limit
+        peer.try_send(_rapid_resets(peer, 1, first=9) + PingFrame(0, b"probe!!!").serialize())
+        peer.read_until(lambda f: isinstance(f, PingFrame) and f.opaque_data == b"probe!!!" and "ACK" in f.flags, 2)
+        assert connection.alive, reasons
+    finally:
+        peer.close()
+        connection.close()
+        assert connection.wait_closed(2)
 
 
 @pytest.mark.parametrize("how", ["rst-stream", "made-you-reset"])
