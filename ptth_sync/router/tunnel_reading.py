@@ -31,10 +31,12 @@ TLS tunnels keep their reader thread: a TLS record may arrive in parts.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import selectors
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from .front import SocketWatcher
 
@@ -44,9 +46,11 @@ if TYPE_CHECKING:
 
 __all__ = ["LoopReading"]
 
-#: The loop looks at the tunnels' timers at most this often (seconds): with a thousand idle tunnels,
-#: each due at its own time, a look at every timer due would be a walk over all of them.
+#: A tunnel's timers are looked at again this long after a look at the earliest (seconds): a timer
+#: that is due but has nothing to do (it is not quite time) does not make the loop spin.
 TIMER_GRANULARITY = 0.25
+#: When a tunnel has no timer, how soon the loop asks it again (seconds).
+_NO_TIMER_RECHECK = 1.0
 
 
 class _TunnelSocket(SocketWatcher):
@@ -75,7 +79,10 @@ class LoopReading:
         self._adopted: List[Connection] = []  # (under _lock) not yet watched by the loop
         self._stopped = False
         self._tunnels: Dict[int, _TunnelSocket] = {}  # (loop only) by id of the connection
-        self._next_timer = float("inf")
+        #: (Loop only.) Each tunnel once, by when its timers are due next (or earlier: data that
+        #: arrived since only delays a PING), so that a look costs the timers due, not every tunnel.
+        self._timers: List[Tuple[float, int, _TunnelSocket]] = []
+        self._order = itertools.count()
         #: (Loop.) True while a tunnel's bytes are taken in, among the selector's events: the loop must
         #: not hand connections to threads then (it does it after the events).
         self.reading = False
@@ -99,9 +106,7 @@ class LoopReading:
             watcher = self._tunnels[id(connection)] = _TunnelSocket(self, connection)
             self._front.watch_socket(connection.sock, watcher)
             self.readable(watcher)  # (bytes read with its opening, or since)
-            due = connection.next_timer()
-            if due is not None and due < self._next_timer:
-                self._next_timer = due
+            self._schedule(watcher, time.monotonic())
 
     def readable(self, watcher: _TunnelSocket) -> None:
         """(Loop.) A tunnel's socket has bytes, or its end."""
@@ -115,26 +120,33 @@ class LoopReading:
 
     def timeout(self, limit: float) -> float:
         """(Loop.) How long the loop may wait, at most ``limit`` seconds, before a tunnel's timer is due."""
-        if self._next_timer == float("inf"):
+        if not self._timers:
             return limit
-        return max(0.0, min(limit, self._next_timer - time.monotonic()))
+        return max(0.0, min(limit, self._timers[0][0] - time.monotonic()))
 
     def run_timers(self) -> None:
-        """(Loop.) Run the tunnels' timers that are due; note when the next one is."""
-        now = time.monotonic()
-        if now < self._next_timer:
+        """(Loop.) Run the timers that are due."""
+        timers = self._timers
+        if not timers:
             return
-        next_timer = float("inf")
-        for watcher in list(self._tunnels.values()):
-            connection = watcher.connection
-            reason = connection.run_timers()
+        now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            _, _, watcher = heapq.heappop(timers)
+            if self._tunnels.get(id(watcher.connection)) is not watcher:
+                continue  # ended meanwhile
+            reason = watcher.connection.run_timers()
             if reason is not None:
                 self._end(watcher, reason)
                 continue
-            due = connection.next_timer()
-            if due is not None and due < next_timer:
-                next_timer = due
-        self._next_timer = max(next_timer, now + TIMER_GRANULARITY)
+            self._schedule(watcher, now)
+
+    def _schedule(self, watcher: _TunnelSocket, now: float) -> None:
+        if self._tunnels.get(id(watcher.connection)) is not watcher:
+            return  # (it ended as it was adopted)
+        due = watcher.connection.next_timer()
+        if due is None:  # no timer now (one may start later: a PING once the peer's SETTINGS came)
+            due = now + _NO_TIMER_RECHECK
+        heapq.heappush(self._timers, (max(due, now + TIMER_GRANULARITY), next(self._order), watcher))
 
     def stop(self) -> None:
         """(Loop, as it stops.) Each tunnel gets a reader thread of its own again."""
@@ -145,6 +157,7 @@ class LoopReading:
             self._front.unwatch_socket(watcher.connection.sock)
             adopted.append(watcher.connection)
         self._tunnels.clear()
+        self._timers.clear()
         for connection in adopted:
             connection.read_in_thread()
 
