@@ -299,14 +299,16 @@ def bind_to_cpu(index: int) -> Optional[int]:
 
 
 class RouterWorker(ClientConnectionLoop, ThreadedWorker):
-    """gunicorn worker: waiting connections in a selector, a thread per request being proxied.
+    """gunicorn worker: waiting connections in a selector, simple requests relayed without a thread.
 
     The main thread runs a :class:`~ptth_sync.router.front.ClientFront`:
     accepts, TLS handshakes, partial request heads and idle keep-alive
-    connections cost a socket and a buffer there. A connection with a complete
-    request head goes to a pool thread, which serves it and the requests that
+    connections cost a socket and a buffer there; the same loop reads the
+    plain tunnels (:mod:`~ptth_sync.router.tunnel_reading`) and serves simple
+    requests without a thread (:mod:`~ptth_sync.router.relay`). Any other
+    request goes to a pool thread, which serves it and the requests that
     follow at once (within :attr:`linger` seconds of each response, the usual
-    pace of a busy keep-alive client), then gives it back.
+    pace of a busy keep-alive client), then gives the connection back.
     """
 
     #: After a response, how long a thread waits for the next request before giving the connection back.
