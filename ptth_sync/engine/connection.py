@@ -227,7 +227,7 @@ class Connection(ReaderLoop):
 
     @property
     def started(self) -> bool:
-        """True once :meth:`start` ran (its threads exist)."""
+        """True once :meth:`start` ran (its writer thread exists; its reader is a thread or the caller's loop)."""
         return self._writer is not None
 
     @property
