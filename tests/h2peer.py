@@ -35,7 +35,8 @@ def raw_frame(frame_type: int, flags: int, stream_id: int, payload: bytes, lengt
 class H2Peer:
     """One end of an HTTP/2 connection, driven frame by frame."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, initial: bytes = b"") -> None:
+        """``initial``: bytes of the other side read already (after an upgrade, say)."""
         self.sock = sock
         self.encoder = hpack.Encoder()
         self.decoder = hpack.Decoder()
@@ -45,7 +46,7 @@ class H2Peer:
         self.header_blocks: Dict[int, List[List[Tuple[bytes, bytes]]]] = {}
         self.goaway: Optional[GoAwayFrame] = None
         self.eof = False
-        self._buffer = bytearray()
+        self._buffer = bytearray(initial)
 
     # -- set-up ----------------------------------------------------------------
 

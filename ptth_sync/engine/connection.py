@@ -15,7 +15,8 @@ own, or the caller's event loop (``start(read_in_thread=False)``, then
 threads, backend pool threads) open streams, send and read through
 :class:`~ptth_sync.engine.stream.Stream` methods (:mod:`~ptth_sync.engine.streamops`).
 One *writer* thread sends the bytes the reader produced (window updates,
-SETTINGS and PING acknowledgements).
+SETTINGS and PING acknowledgements) that the socket did not take at once; the
+caller's event loop may do that instead (``start(on_unsent=...)``).
 
 The lock. ``self._lock`` guards the h2 object, the stream table and every
 stream's buffers, and it is never held across socket I/O
@@ -137,29 +138,57 @@ class Connection(ReaderLoop):
         self.goaway_received: Optional[Tuple[int, bytes]] = None
         self._reader: Optional[threading.Thread] = None
         self._writer: Optional[threading.Thread] = None
+        self._started = False
         self._prepared = False
 
     # -- life cycle --------------------------------------------------------
 
-    def start(self, initial_data: bytes = b"", read_in_thread: bool = True) -> None:
+    def start(
+        self,
+        initial_data: bytes = b"",
+        read_in_thread: bool = True,
+        on_unsent: Optional[Callable[[], None]] = None,
+    ) -> None:
         """Send our preface and settings and start the reader and writer threads.
 
         ``initial_data``: more bytes already read from the socket (after :meth:`prepare`).
         With ``read_in_thread`` False no reader thread starts: the caller's
         own loop reads instead (:meth:`read_available`), for a plain socket.
+        With ``on_unsent`` no writer thread starts either: bytes the socket did
+        not take at once wait for the caller's loop, which ``on_unsent()`` tells
+        (from any thread) and which then calls :meth:`send_queued` once the
+        socket is writable.
         """
         self._initial_data += initial_data
         self.prepare()
-        self._writer = threading.Thread(target=self._outbox.write_loop, name=f"ptth-writer {self.name}", daemon=True)
-        self._writer.start()
+        self._started = True
+        if on_unsent is None:
+            self._start_writer()
+        else:
+            self._outbox.on_unsent = on_unsent
         if read_in_thread:
             self.read_in_thread()
-        self._outbox.kick()
+        self._outbox.send_without_blocking()
 
     def read_in_thread(self) -> None:
-        """Start the reader thread; for a connection started without one, once its caller stops reading it."""
+        """Start the reader thread (and the writer thread, if the caller's loop sent instead); for a
+        connection the caller's loop read, once that loop stops reading it."""
+        if self._writer is None:
+            with self._lock:
+                self._outbox.on_unsent = None
+            self._start_writer()
         self._reader = threading.Thread(target=self._read_loop, name=f"ptth-reader {self.name}", daemon=True)
         self._reader.start()
+
+    def _start_writer(self) -> None:
+        self._writer = threading.Thread(target=self._outbox.write_loop, name=f"ptth-writer {self.name}", daemon=True)
+        self._writer.start()
+        self._outbox.kick()
+
+    @property
+    def unsent(self) -> bool:
+        """Bytes are queued that the socket has not taken yet."""
+        return bool(self._outbox.buffers)
 
     # -- reading from the caller's loop (started with read_in_thread=False) --
 
@@ -227,8 +256,8 @@ class Connection(ReaderLoop):
 
     @property
     def started(self) -> bool:
-        """True once :meth:`start` ran (its writer thread exists; its reader is a thread or the caller's loop)."""
-        return self._writer is not None
+        """True once :meth:`start` ran (its reader and writer are threads, or the caller's loop)."""
+        return self._started
 
     @property
     def alive(self) -> bool:

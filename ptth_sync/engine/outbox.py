@@ -11,16 +11,17 @@ doing so until the outbox is empty; one sender at a time keeps the order. A
 user thread that finds another one sending leaves its bytes to it and goes on
 (no hand-off, no waiting on the hot path), unless the outbox is past its
 high-water mark: then it waits its turn, which bounds memory. The reader
-never sends and never waits for the write lock; it wakes the writer thread. A
-blocked ``sendall`` therefore never stops the reader, which keeps draining the
-peer's data and window updates.
+never waits for the write lock and sends only what the socket takes at once;
+it leaves the rest to the writer thread (or, without one, to the caller's
+event loop, told through ``on_unsent``). A blocked ``sendall`` therefore never
+stops the reader, which keeps draining the peer's data and window updates.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 from ..sockets import IOV_MAX as _IOV_MAX
 from ..sockets import sendall_buffers, shutdown, unsent
@@ -62,6 +63,10 @@ class Outbox:
         self.attempted_bytes = 0
         #: The connection failed (set under the state lock): nothing more is sent.
         self.stopped = False
+        #: Set when the caller's event loop sends instead of a writer thread: called (from any thread, no
+        #: lock held) when bytes the socket did not take are left and no one is sending them; the loop
+        #: then calls :meth:`send_without_blocking` once the socket is writable.
+        self.on_unsent: Optional[Callable[[], None]] = None
 
     def queue_output(self) -> None:
         """Move h2's pending output to the outbox (lock held), keeping production order."""
@@ -114,10 +119,12 @@ class Outbox:
         Saves waking the writer thread for the few bytes a batch of frames
         asks back. Only when no one else is sending, and only what the socket
         takes at once: the rest, or all of it on a TLS channel, goes to the
-        writer thread, so the caller (the reader, a listener) never waits on a write.
+        writer thread (or waits for the caller's loop: :attr:`on_unsent`), so
+        the caller (the reader, a listener) never waits on a write.
         """
         if not self.buffers:
             return  # (bytes queued later are sent by whoever queues them, or by the sender they find)
+        left = False  # bytes left that no one is sending: tell the loop (no writer thread)
         if self._can_send_nonblocking and self.write_lock.acquire(blocking=False):
             with self._lock:
                 outbox = self.buffers
@@ -136,11 +143,15 @@ class Outbox:
                     self.attempted_bytes -= size - sent
                 # Released under the state lock, as in flush, so nothing is stranded.
                 self.write_lock.release()
-                waiters = self.writer_waiting.take() if self.buffers else []
-        else:
+                left = bool(self.buffers) and not self.stopped
+                waiters = self.writer_waiting.take() if left else []
+        else:  # (another thread is sending: it sends these too, or leaves them as above)
             with self._lock:
                 waiters = self.writer_waiting.take()
         release(waiters)
+        on_unsent = self.on_unsent
+        if left and on_unsent is not None:
+            on_unsent()
 
     def kick(self) -> None:
         """Wake the writer thread."""

@@ -261,8 +261,7 @@ class ReaderLoop(EventDispatch):
                 self._ping_sent_at = now
                 self._h2.ping(b"ptthping")
                 self._outbox.queue_output()
-                waiters = self._outbox.writer_waiting.take()
-            release(waiters)
+            self._outbox.send_without_blocking()  # (what the socket does not take: the writer, or the loop)
         return None
 
     def _goaway_locked(self, error_code: int, reason: str) -> None:

@@ -166,9 +166,9 @@ class Router:
         self._gone = threading.Condition(self._lock)  # a tunnel's close callback has finished
         self._closed = False
         self._tls_openings = 0  # TLS handshakes running, each on a thread
-        #: A loop that reads plain tunnels itself instead of a reader thread each (a router worker's front:
-        #: see tunnel_reading.py); it returns False once it no longer does.
-        self.tunnel_loop: Optional[Callable[[Connection], bool]] = None
+        #: A loop that starts plain tunnels and reads and writes them itself instead of threads of their
+        #: own (a router worker's front: see tunnel_reading.py); it returns False once it no longer does.
+        self.tunnel_loop: Optional[Callable[[Connection, bytes], bool]] = None
 
     # -- tunnels --------------------------------------------------------------
 
@@ -236,15 +236,12 @@ class Router:
         return connection
 
     def start_connection(self, connection: Connection, initial_data: bytes = b"") -> None:
-        """Start a tunnel's connection: read by :attr:`tunnel_loop` if set (a plain socket), else by a thread."""
+        """Start a tunnel's connection: in :attr:`tunnel_loop` if set (a plain socket), else with its threads."""
         adopt = self.tunnel_loop
         sock = connection.sock
-        if adopt is None or not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):  # TLS: a thread
+        plain = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)  # (TLS: threads)
+        if adopt is None or not plain or not adopt(connection, initial_data):
             connection.start(initial_data)
-            return
-        connection.start(initial_data, read_in_thread=False)
-        if not adopt(connection):
-            connection.read_in_thread()
 
     def start_tunnel(
         self, sock: socket.socket, initial_data: bytes, origin: str, start: bool = True

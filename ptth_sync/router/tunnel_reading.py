@@ -1,4 +1,4 @@
-"""A router worker's tunnels read in its front loop, not by a reader thread each.
+"""A router worker's plain tunnels read and written by its front loop, with no thread of their own.
 
 A relayed request used to cross two threads of the worker: the front's loop
 sent it, the tunnel's reader thread received the response and wrote it to the
@@ -7,13 +7,20 @@ kernel runs the two on two CPUs, wakes the other CPU: at one connection that
 was a fifth of the router's CPU per request. Here the front's loop watches
 each plain tunnel's socket in its selector, as it watches clients, and takes
 in what arrives itself (:meth:`Connection.read_available`): a relayed request
-is then served by one thread from its head to its response.
+is then served by one thread from its head to its response. The same loop
+sends what the socket had no room for when it was queued (the socket is then
+watched for writing too), so a tunnel costs no thread at all.
 
-What the reader thread guarded, and how it is kept:
+What the reader and writer threads guarded, and how it is kept:
 
-- it never blocked: :meth:`Connection.read_available` never waits, sends go
-  out without blocking (the tunnel's writer thread takes what the socket does
-  not), and listeners must not block (they must not on a reader either);
+- the reader never blocked: :meth:`Connection.read_available` never waits,
+  sends go out without blocking, and listeners must not block (they must not
+  on a reader either);
+- the writer sent what the socket did not take at once, whoever queued it:
+  the connection tells the loop (``on_unsent``, from any thread), which
+  watches the socket for room and sends the rest then; a thread with bytes of
+  its own to send (an upload past the outbox's high-water mark) still waits
+  for its turn and sends them itself, as before;
 - the peer's timers (its SETTINGS in time, PING when quiet, the PING's
   answer): :meth:`LoopReading.run_timers` runs them when due, and the loop
   wakes in time for the next (:meth:`LoopReading.timeout`);
@@ -22,11 +29,11 @@ What the reader thread guarded, and how it is kept:
   ``end_reading``;
 - threads serving requests (uploads, TLS clients, WebSocket openings) wait on
   the tunnel as before: the loop wakes them as the reader did;
-- when the loop stops (the worker stops), each tunnel gets a reader thread
-  again (:meth:`LoopReading.stop`): requests still in flight are answered,
-  and the router closes its tunnels as before.
+- when the loop stops (the worker stops), each tunnel gets its reader and
+  writer threads again (:meth:`LoopReading.stop`): requests still in flight
+  are answered, and the router closes its tunnels as before.
 
-TLS tunnels keep their reader thread: a TLS record may arrive in parts.
+TLS tunnels keep their threads: a TLS record may arrive in parts.
 """
 
 from __future__ import annotations
@@ -54,19 +61,32 @@ _NO_TIMER_RECHECK = 1.0
 
 
 class _TunnelSocket(SocketWatcher):
-    """One tunnel's socket in the front's selector."""
+    """One tunnel's socket in the front's selector: read always, written when bytes wait for room."""
 
-    __slots__ = ("_reading", "connection")
+    __slots__ = ("_reading", "connection", "scheduled")
 
     def __init__(self, reading: LoopReading, connection: Connection) -> None:
         self.connection = connection
         self._reading = reading
+        #: When its entry in the loop's timer heap is due (older entries of it are stale).
+        self.scheduled = float("inf")
 
     def interest(self) -> int:
+        if not self._reading.has(self):
+            return 0  # (ended: its socket is closed or about to be)
+        if self.connection.unsent:
+            return selectors.EVENT_READ | selectors.EVENT_WRITE
         return selectors.EVENT_READ
 
     def on_events(self, events: int) -> None:
-        self._reading.readable(self)
+        if events & selectors.EVENT_WRITE:
+            self.connection.send_queued()
+        if events & selectors.EVENT_READ:
+            self._reading.readable(self)
+
+    def unsent(self) -> None:
+        """(Any thread.) Bytes wait for room in the socket: watch it for writing too."""
+        self._reading.want_write(self)
 
 
 class LoopReading:
@@ -76,25 +96,37 @@ class LoopReading:
         self._front = front
         self._wake = wake
         self._lock = threading.Lock()
-        self._adopted: List[Connection] = []  # (under _lock) not yet watched by the loop
+        self._adopted: List[_TunnelSocket] = []  # (under _lock) started, not yet watched by the loop
         self._stopped = False
         self._tunnels: Dict[int, _TunnelSocket] = {}  # (loop only) by id of the connection
-        #: (Loop only.) Each tunnel once, by when its timers are due next (or earlier: data that
-        #: arrived since only delays a PING), so that a look costs the timers due, not every tunnel.
+        #: (Loop only.) The tunnels by when their timers are due next (or earlier: data that arrived
+        #: since only delays a PING), so that a look costs the timers due, not every tunnel; an entry
+        #: whose time is not its tunnel's ``scheduled`` is stale (the timer was brought forward).
         self._timers: List[Tuple[float, int, _TunnelSocket]] = []
         self._order = itertools.count()
         #: (Loop.) True while a tunnel's bytes are taken in, among the selector's events: the loop must
         #: not hand connections to threads then (it does it after the events).
         self.reading = False
 
-    def adopt(self, connection: Connection) -> bool:
-        """From any thread: the loop reads ``connection`` (started without a reader); False once it stopped."""
-        with self._lock:
+    def adopt(self, connection: Connection, initial_data: bytes = b"") -> bool:
+        """From any thread: start ``connection`` with no thread of its own, for the loop to read and write;
+        False once the loop stopped (the caller starts it with its threads)."""
+        watcher = _TunnelSocket(self, connection)
+        with self._lock:  # (held while it starts, so that stop() finds it, started, in _adopted)
             if self._stopped:
                 return False
-            self._adopted.append(connection)
+            connection.start(initial_data, read_in_thread=False, on_unsent=watcher.unsent)
+            self._adopted.append(watcher)
         self._wake()
         return True
+
+    def has(self, watcher: _TunnelSocket) -> bool:
+        """(Loop.) The loop still reads this tunnel."""
+        return self._tunnels.get(id(watcher.connection)) is watcher
+
+    def want_write(self, watcher: _TunnelSocket) -> None:
+        """(Any thread.) A tunnel has bytes for which its socket had no room."""
+        self._front.want_events(watcher.connection.sock, watcher)
 
     def take_adopted(self) -> None:
         """(Loop.) Watch the tunnels adopted since the last turn, and take in what they sent already."""
@@ -102,9 +134,9 @@ class LoopReading:
             return
         with self._lock:
             adopted, self._adopted = self._adopted, []
-        for connection in adopted:
-            watcher = self._tunnels[id(connection)] = _TunnelSocket(self, connection)
-            self._front.watch_socket(connection.sock, watcher)
+        for watcher in adopted:
+            self._tunnels[id(watcher.connection)] = watcher
+            self._front.watch_socket(watcher.connection.sock, watcher)
             self.readable(watcher)  # (bytes read with its opening, or since)
             self._schedule(watcher, time.monotonic())
 
@@ -112,9 +144,16 @@ class LoopReading:
         """(Loop.) A tunnel's socket has bytes, or its end."""
         self.reading = True
         try:
-            reason = watcher.connection.read_available()
+            connection = watcher.connection
+            reason = connection.read_available()
             if reason is not None:
                 self._end(watcher, reason)
+                return
+            # What arrived may bring a timer forward (the peer's SETTINGS start the PINGs): most often it
+            # only delays the next PING, which the entry in the heap finds out when it is due.
+            due = connection.next_timer()
+            if due is not None and due < watcher.scheduled - TIMER_GRANULARITY:
+                self._schedule(watcher, time.monotonic())
         finally:
             self.reading = False
 
@@ -131,9 +170,9 @@ class LoopReading:
             return
         now = time.monotonic()
         while timers and timers[0][0] <= now:
-            _, _, watcher = heapq.heappop(timers)
-            if self._tunnels.get(id(watcher.connection)) is not watcher:
-                continue  # ended meanwhile
+            when, _, watcher = heapq.heappop(timers)
+            if when != watcher.scheduled or not self.has(watcher):
+                continue  # a stale entry (it was brought forward), or it ended meanwhile
             reason = watcher.connection.run_timers()
             if reason is not None:
                 self._end(watcher, reason)
@@ -141,25 +180,26 @@ class LoopReading:
             self._schedule(watcher, now)
 
     def _schedule(self, watcher: _TunnelSocket, now: float) -> None:
-        if self._tunnels.get(id(watcher.connection)) is not watcher:
+        if not self.has(watcher):
             return  # (it ended as it was adopted)
         due = watcher.connection.next_timer()
         if due is None:  # no timer now (one may start later: a PING once the peer's SETTINGS came)
             due = now + _NO_TIMER_RECHECK
-        heapq.heappush(self._timers, (max(due, now + TIMER_GRANULARITY), next(self._order), watcher))
+        watcher.scheduled = when = max(due, now + TIMER_GRANULARITY)
+        heapq.heappush(self._timers, (when, next(self._order), watcher))
 
     def stop(self) -> None:
-        """(Loop, as it stops.) Each tunnel gets a reader thread of its own again."""
+        """(Loop, as it stops.) Each tunnel gets its reader and writer threads again."""
         with self._lock:
             self._stopped = True
             adopted, self._adopted = self._adopted, []
         for watcher in list(self._tunnels.values()):
             self._front.unwatch_socket(watcher.connection.sock)
-            adopted.append(watcher.connection)
+            adopted.append(watcher)
         self._tunnels.clear()
         self._timers.clear()
-        for connection in adopted:
-            connection.read_in_thread()
+        for watcher in adopted:
+            watcher.connection.read_in_thread()
 
     def __len__(self) -> int:
         return len(self._tunnels)

@@ -825,10 +825,12 @@ def _serialize(frame: Any) -> bytes:
 
 
 class _LoopReader:
-    """A loop that reads one connection from its selector, as a router worker's front loop reads its tunnels."""
+    """A loop that reads and writes one connection from its selector, as a router worker's front loop
+    does with its tunnels (no reader or writer thread)."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        connection.start(read_in_thread=False, on_unsent=lambda: None)  # (the loop looks at every turn)
         self.thread = threading.Thread(target=self._run, name="ptth-loop under test", daemon=True)
         self.thread.start()
 
@@ -838,10 +840,15 @@ class _LoopReader:
             selector.register(connection.sock, selectors.EVENT_READ)
             reason = connection.read_available()
             while reason is None:
+                want = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.unsent else 0)
+                selector.modify(connection.sock, want)
                 due = connection.next_timer()
-                timeout = None if due is None else max(0.0, due - time.monotonic())
-                if selector.select(timeout):
-                    reason = connection.read_available()
+                timeout = 0.05 if due is None else min(0.05, max(0.0, due - time.monotonic()))
+                for _, events in selector.select(timeout):
+                    if events & selectors.EVENT_WRITE:
+                        connection.send_queued()
+                    if events & selectors.EVENT_READ:
+                        reason = connection.read_available()
                 if reason is None:
                     reason = connection.run_timers()
             selector.unregister(connection.sock)
@@ -851,7 +858,7 @@ class _LoopReader:
 def _fuzz_one(role: str, frames: List[Any]) -> str:
     """Feed ``frames`` to a fresh connection in ``role``; it must survive (and answer a PING) or close with a reason.
 
-    Role ``router-loop``: the router's connection read from a loop's selector (no reader thread).
+    Role ``router-loop``: the router's connection read and written from a loop's selector (no threads).
     """
     ours, theirs = tcp_pair()
     reasons: List[str] = []
@@ -863,7 +870,6 @@ def _fuzz_one(role: str, frames: List[Any]) -> str:
         name="under test",
     )
     if role == "router-loop":
-        connection.start(read_in_thread=False)
         _LoopReader(connection)
     else:
         connection.start()
