@@ -11,9 +11,10 @@ bytes to h2 under the connection lock and dispatches the resulting events to
 their :class:`~ptth_sync.engine.stream.Stream` (:mod:`~ptth_sync.engine.reader`,
 :mod:`~ptth_sync.engine.events`). The reader is a thread of the connection's
 own, or the caller's event loop (``start(read_in_thread=False)``, then
-:meth:`Connection.read_available` when the socket is readable). Any number of *user* threads (router request
-threads, backend pool threads) open streams, send and read through
-:class:`~ptth_sync.engine.stream.Stream` methods (:mod:`~ptth_sync.engine.streamops`).
+:meth:`Connection.read_available` when the socket is readable). Any number
+of *user* threads (router request threads, backend pool threads) open
+streams, send and read through :class:`~ptth_sync.engine.stream.Stream`
+methods (:mod:`~ptth_sync.engine.streamops`).
 One *writer* thread sends the bytes the reader produced (window updates,
 SETTINGS and PING acknowledgements) that the socket did not take at once; the
 caller's event loop may do that instead (``start(on_unsent=...)``).

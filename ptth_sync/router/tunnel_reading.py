@@ -201,9 +201,6 @@ class LoopReading:
         for watcher in adopted:
             watcher.connection.read_in_thread()
 
-    def __len__(self) -> int:
-        return len(self._tunnels)
-
     def _end(self, watcher: _TunnelSocket, reason: Optional[str]) -> None:
         self._tunnels.pop(id(watcher.connection), None)
         self._front.unwatch_socket(watcher.connection.sock)
