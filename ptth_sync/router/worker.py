@@ -46,6 +46,7 @@ from ..websocket import going_away_delay
 from .app import SMALL_BODY, TUNNELS_FULL, Proxied, TunnelBroken
 from .checks import CLOSE_CONNECTION
 from .front import ClientFront, WaitingClient, head_complete
+from .http1 import RouterResponse, request_parser
 from .limits import descriptor_budget
 from .relay import Relay, ResponseSink
 from .tunnel_reading import LoopReading
@@ -161,7 +162,7 @@ class ClientConnectionLoop:
             if self.cfg.is_ssl:
                 raw = client = sock.ssl_wrap_socket(raw, self.cfg)
             client = _ClientSocket(raw, self.cfg.timeout or None)
-            parser = http.get_parser(self.cfg, client, addr)
+            parser = request_parser(self.cfg, client, addr)
             first = True
             while self.alive:
                 if not first and not self._wait_for_next_request(raw, parser):
@@ -223,7 +224,8 @@ class ClientConnectionLoop:
             if begun is None:
                 self.cfg.pre_request(self, req)
                 request_start = datetime.now()
-                resp, environ = wsgi.create(req, client, addr, listener.getsockname(), self.cfg)
+                resp, environ = wsgi.create(req, client, addr, listener.getsockname(), self.cfg,
+                                             response_class=RouterResponse)
                 environ["wsgi.multithread"] = True
                 self._count_request(resp)
             else:
@@ -398,7 +400,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         """Serve the request in ``client.buffer`` without a thread if it is simple; False if it needs one."""
         if isinstance(client.sock, ssl.SSLSocket) or not self.alive:
             return False
-        parser = http.get_parser(self.cfg, _NO_MORE_BYTES, client.addr)
+        parser = request_parser(self.cfg, _NO_MORE_BYTES, client.addr)
         parser.unreader.unread(bytes(client.buffer))
         try:
             req = next(parser)
@@ -427,7 +429,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         streamed = length > SMALL_BODY or length > buffered  # else the whole body is here
         self.cfg.pre_request(self, req)
         request_start = datetime.now()
-        resp, environ = wsgi.create(req, ResponseSink(), client.addr, self._server_name(client.listener), self.cfg)
+        resp, environ = wsgi.create(req, ResponseSink(), client.addr, self._server_name(client.listener), self.cfg,
+                                     response_class=RouterResponse)
         environ["wsgi.multithread"] = True
         self._count_request(resp)
         relay = client.owner = Relay(self, client, parser, req, resp, environ, request_start, self.wsgi.timeout)
@@ -708,7 +711,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
     def _request_loop(self, client: WaitingClient, io_socket: _ClientSocket, begun: Optional[Relay] = None) -> bool:
         raw = client.sock
         if begun is None:
-            parser = http.get_parser(self.cfg, io_socket, client.addr)
+            parser = request_parser(self.cfg, io_socket, client.addr)
             parser.unreader.unread(bytes(client.buffer))
         else:
             parser = begun.parser
