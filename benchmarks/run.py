@@ -991,11 +991,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def cpu_cells(level: Dict[str, Any]) -> List[str]:
-    """CPU microseconds per request: direct gunicorn's worker, the router's worker, the backend; router/direct."""
+    """CPU microseconds per request: direct gunicorn's worker, the router's worker, the backend; router/direct
+    and (router + backend)/direct."""
     direct = level["direct"].get("cpu_us_per_request", {}).get("gunicorn")
     tunnel = level["tunnel"].get("cpu_us_per_request", {})
     router, backend = tunnel.get("router"), tunnel.get("backend")
-    return [fmt(direct, 0), fmt(router, 0), fmt(backend, 0), fmt(ratio(router, direct))]
+    both = router + backend if router is not None and backend is not None else None
+    return [fmt(direct, 0), fmt(router, 0), fmt(backend, 0), fmt(ratio(router, direct)), fmt(ratio(both, direct))]
 
 
 def throughput_section(data: Dict[str, Any]) -> str:
@@ -1013,7 +1015,7 @@ def throughput_section(data: Dict[str, Any]) -> str:
             str(errors),
         ])
     headers = ["conc", "a req/s", "a p50 ms", "a p99 ms", "b req/s", "b p50 ms", "b p99 ms", "b/a req/s",
-               "a CPU us/req", "router us/req", "backend us/req", "router/a", "errors"]
+               "a CPU us/req", "router us/req", "backend us/req", "router/a", "(router+backend)/a", "errors"]
     options = "".join(f" {option}" for option in ROUTER_OPTIONS)
     return "\n".join([
         f"== 1. Throughput and latency: hello world, {data['duration_s']} s x {data['rounds']} round(s), "
