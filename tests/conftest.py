@@ -132,8 +132,11 @@ class Process:
 class RouterProcess(Process):
     """``python -m ptth_sync.router`` on ephemeral ports."""
 
-    def __init__(self, *extra: str, tunnels: str = "127.0.0.1:0", http: str = "127.0.0.1:0") -> None:
-        super().__init__([PYTHON, "-m", "ptth_sync.router", "--tunnels", tunnels, "--http", http, *extra])
+    def __init__(
+        self, *extra: str, tunnels: str = "127.0.0.1:0", http: str = "127.0.0.1:0", module: str = "ptth_sync.router",
+        env: Optional[dict] = None,
+    ) -> None:
+        super().__init__([PYTHON, "-m", module, "--tunnels", tunnels, "--http", http, *extra], env=env)
         self.tunnel_address = self.wait_for_line(r"Listening for reverse tunnels on t(?:cp|ls)://(\S+)").group(1)
         scheme, http_address = self.wait_for_line(r"Listening for HTTP traffic on (https?)://(\S+)").groups()
         self.url = f"{scheme}://{http_address}"

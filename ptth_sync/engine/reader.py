@@ -215,8 +215,11 @@ class ReaderLoop(EventDispatch):
 
     def _notify(self, stream: Stream) -> None:
         """Call a stream's listener (reader thread, no lock held); its failure ends that stream only."""
+        listener = stream.listener  # (once: its owner may drop it meanwhile, from another thread)
+        if listener is None:
+            return
         try:
-            stream.listener(stream)  # type: ignore[misc]
+            listener(stream)
         except Exception:  # Defensive: a listener bug must not take the tunnel down
             log.exception("tunnel %s: stream %d: listener failed", self.name, stream.id)
             stream.listener = None

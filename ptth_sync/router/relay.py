@@ -279,6 +279,7 @@ class Relay(SocketWatcher):
         body = self.host.wsgi.failed(proxied, exc, self.environ, self.resp.start_response)
         if body is None:
             self.done = True
+            self._unlisten()
             self.host.retry(self)
             return
         self.answer(body)
@@ -383,6 +384,16 @@ class Relay(SocketWatcher):
 
     def _log(self, broken: bool = False) -> None:
         if self.proxied is not None:
+            self._unlisten()
             self.host.wsgi.finished(self.proxied, broken)
         self.host.request_done(self)
+
+    def _unlisten(self) -> None:
+        """The request is over: its stream stops calling it.
+
+        (The stream's listener is this relay, which holds the stream: without
+        this, each request's objects would wait for the garbage collector.)
+        """
+        assert self.proxied is not None
+        self.proxied.stream.listener = None
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import json
 import socket
+from pathlib import Path
 from typing import Any, List, Tuple
 
-from tests.conftest import wait_until
+from tests.conftest import RouterProcess, wait_until
 from tests.system.test_slow_clients import status, timed_get, worker_pid
 
 
@@ -214,3 +216,44 @@ def test_a_small_body_behind_expect_100_continue_is_asked_for_once(router_proces
             rest += sock.recv(65536)
     assert rest.startswith(b"HTTP/1.1 200 OK\r\n")  # and no second 100 Continue
     assert b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n" in rest
+
+
+def _probe_report(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _collected_after_now(path: Path) -> int:
+    """What the worker's collector has freed, as of a collection that started after this call."""
+    seen = _probe_report(path).get("reports", 0)
+    wait_until(lambda: _probe_report(path).get("reports", 0) >= seen + 2, 10, what="a report from the probe")
+    return int(_probe_report(path)["freed"])
+
+
+def test_a_relayed_request_leaves_nothing_to_the_garbage_collector(processes, backend_process, tmp_path):
+    """Each request's objects are freed as it ends: none wait in reference cycles for the collector,
+    which would otherwise run every few dozen requests and hold their memory meanwhile."""
+    probe = tmp_path / "gc.json"
+    router = RouterProcess(module="tests.system.gc_probe", env={"PTTH_GC_PROBE": str(probe)})
+    processes.append(router)
+    backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    address = (router.http_host, router.http_port)
+
+    def requests(count: int) -> None:
+        with socket.create_connection(address, timeout=10) as sock:
+            for _ in range(count):
+                sock.sendall(b"GET /foo HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_responses(sock, ["GET"])[0][2] == b"bar"
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            assert read_responses(sock, ["POST"])[0][2] == b"hello"
+
+    requests(20)  # (what the first requests create once stays)
+    before = _collected_after_now(probe)
+    for _ in range(10):
+        requests(30)
+    freed = _collected_after_now(probe) - before
+    print(f"objects freed by the collector over 310 relayed requests: {freed}")
+    assert freed < 31, f"{freed} objects in reference cycles for 310 requests"
