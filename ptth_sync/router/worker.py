@@ -341,6 +341,9 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         self._retries: List[Relay] = []
         #: WebSockets opened by a request thread, for it to hand over once it let go of the connection.
         self._opened: Dict[int, Any] = {}
+        # The request hooks, looked up once (each look-up is a settings search; a worker's settings never change).
+        self._pre_request = self.cfg.pre_request
+        self._post_request = self.cfg.post_request
         super().init_process()
 
     def run(self) -> None:
@@ -427,7 +430,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             client.need = 0
             req._expected_100_continue = False  # answered while the body was collected
         streamed = length > SMALL_BODY or length > buffered  # else the whole body is here
-        self.cfg.pre_request(self, req)
+        self._pre_request(self, req)
         request_start = datetime.now()
         resp, environ = wsgi.create(req, ResponseSink(), client.addr, self._server_name(client.listener), self.cfg,
                                      response_class=RouterResponse)
@@ -558,12 +561,13 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
 
     def request_done(self, relay: Relay) -> None:
         """A relayed request is over: the access log and the post_request hook."""
+        if getattr(self.log, "access_log_enabled", True):
+            try:
+                self.log.access(relay.resp, relay.req, relay.environ, datetime.now() - relay.request_start)
+            except Exception:
+                self.log.exception("Error writing the access log")
         try:
-            self.log.access(relay.resp, relay.req, relay.environ, datetime.now() - relay.request_start)
-        except Exception:
-            self.log.exception("Error writing the access log")
-        try:
-            self.cfg.post_request(self, relay.req, relay.environ, relay.resp)
+            self._post_request(self, relay.req, relay.environ, relay.resp)
         except Exception:
             self.log.exception("Exception in post_request hook")
 
@@ -574,9 +578,10 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             self._relays.pop(id(relay), None)
         client = relay.client
         client.owner = None
-        if keep and self.alive and not relay.streamed:  # (a streamed body was read off the socket, all of it)
+        # What the router did not forward of a body that came whole (a streamed one was read off the socket).
+        if keep and self.alive and relay.body_length and not relay.streamed:
             try:
-                while relay.req.body.read(65536):  # what the router did not forward (all of it is here)
+                while relay.req.body.read(65536):
                     pass
             except Exception:
                 keep = False
