@@ -14,13 +14,14 @@ compares what these classes write and parse with stock h2.
   written without hyperframe's frame objects; the checks of a received
   message raise :class:`_Malformed`.
 - :class:`_FrameBuffer`: received DATA payloads are handed on as the blocks
-  they arrived in, never copied.
+  they arrived in, never copied; DATA and HEADERS frames are made from a
+  template per flag byte (:func:`_parse_frame_header`).
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Any, Deque, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import h2.config
 import h2.connection
@@ -30,6 +31,7 @@ import h2.frame_buffer
 import h2.stream
 import h2.utilities
 import hyperframe.exceptions
+import hyperframe.flags
 import hyperframe.frame
 from h2.errors import ErrorCodes
 
@@ -313,6 +315,62 @@ class _H2Connection(h2.connection.H2Connection):
         super().clear_outbound_data_buffer()
 
 
+_READ_ONLY = "the flags of a received frame are read-only"
+
+
+class _ReceivedFlags(hyperframe.flags.Flags):
+    """The flags of received frames made from one template: shared by them, so they cannot change."""
+
+    def add(self, value: str) -> None:
+        raise TypeError(_READ_ONLY)
+
+    def discard(self, value: str) -> None:
+        raise TypeError(_READ_ONLY)
+
+
+#: Per (frame type, flag byte): the class, the attributes its constructor sets but the stream, and its flags.
+_Template = Tuple[type, Dict[str, Any], _ReceivedFlags]
+_TEMPLATES: Dict[Tuple[int, int], _Template] = {}
+_DATA = hyperframe.frame.DataFrame.type
+_HEADERS = hyperframe.frame.HeadersFrame.type
+_END_HEADERS = 0x4
+
+
+def _template(kind: int, flag_byte: int) -> _Template:
+    frame, _ = hyperframe.frame.Frame.parse_frame_header(memoryview(bytes((0, 0, 0, kind, flag_byte, 0, 0, 0, 1))))
+    flags = _ReceivedFlags(frame.defined_flags)
+    flags._flags = set(frame.flags)
+    attributes = dict(vars(frame))
+    del attributes["stream_id"], attributes["flags"]
+    return type(frame), attributes, flags
+
+
+# Relies on (hyperframe 6.0.0-6.1.0): a frame's state being its instance attributes, all set by its
+# constructor (and by parse_flags for the flags), and Flags keeping the flags set in the private _flags.
+def _parse_frame_header(header: bytes) -> Tuple[hyperframe.frame.Frame, int]:
+    """hyperframe's ``Frame.parse_frame_header``, without its constructors for DATA and whole HEADERS frames.
+
+    Those are most of what a tunnel receives; each is a copy of a frame made
+    once per flag byte by hyperframe itself, with read-only flags shared by
+    the copies. Any other frame, and one that hyperframe would refuse, is
+    hyperframe's to parse.
+    """
+    high, low, kind, flag_byte, stream_id = _FRAME_HEADER.unpack(header)
+    stream_id &= 0x7FFFFFFF
+    if not stream_id or not (kind == _DATA or (kind == _HEADERS and flag_byte & _END_HEADERS)):
+        # (A HEADERS frame that CONTINUATION frames complete gets END_HEADERS added by h2: flags of its own.)
+        return hyperframe.frame.Frame.parse_frame_header(memoryview(header))
+    template = _TEMPLATES.get((kind, flag_byte))
+    if template is None:
+        template = _TEMPLATES[(kind, flag_byte)] = _template(kind, flag_byte)
+    cls, attributes, flags = template
+    frame = cls.__new__(cls)
+    frame.__dict__.update(attributes)
+    frame.stream_id = stream_id
+    frame.flags = flags
+    return frame, (high << 8) + low
+
+
 class _FrameBuffer(h2.frame_buffer.FrameBuffer):
     """h2's frame buffer, without copying DATA payloads.
 
@@ -424,7 +482,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
                 raise StopIteration
             header = self._peek(9)
             try:
-                frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(header))
+                frame, length = _parse_frame_header(header)
             except (hyperframe.exceptions.InvalidDataError, hyperframe.exceptions.InvalidFrameError) as err:
                 msg = f"Received frame with invalid header: {err!s}"
                 raise h2.exceptions.ProtocolError(msg) from err

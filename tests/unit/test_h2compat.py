@@ -230,3 +230,39 @@ def test_a_malformed_request_resets_its_stream_only():
 def test_a_frames_repr_states_only_its_payloads_length():
     assert repr(hyperframe.frame.DataFrame(1, data=b"x" * 100)).endswith("<payload len=100>"), broken(
         "the frames' repr", "Frame.__repr__ no longer calls _body_repr")
+
+
+@pytest.mark.parametrize("kind", [0x0, 0x1, 0x4, 0x8, 0x9, 0xEE])
+def test_a_frame_made_from_a_template_is_the_frame_hyperframe_makes(kind: int):
+    """_parse_frame_header: for every flag byte and stream, the same frame (class, attributes, flags) or error."""
+    from ptth_sync.engine.h2compat import _parse_frame_header
+
+    for flag_byte in range(256):
+        for stream_id in (0, 3, 0x80000003):
+            header = bytes((0, 1, 4, kind, flag_byte)) + stream_id.to_bytes(4, "big")
+            try:
+                theirs = hyperframe.frame.Frame.parse_frame_header(memoryview(header))
+            except Exception as exc:  # hyperframe refuses it: so must we
+                with pytest.raises(type(exc)):
+                    _parse_frame_header(header)
+                continue
+            ours = _parse_frame_header(header)
+            what = f"frame type {kind:#x}, flags {flag_byte:#04x}, stream {stream_id:#x}"
+            assert ours[1] == theirs[1] == 260, broken("_parse_frame_header", f"another length for {what}")
+            assert type(ours[0]) is type(theirs[0]), broken("_parse_frame_header", f"another class for {what}")
+            mine, stock = vars(ours[0]), vars(theirs[0])
+            assert mine.keys() == stock.keys(), broken("_parse_frame_header", f"other attributes for {what}")
+            for name, value in stock.items():
+                if name == "flags":
+                    assert set(mine[name]) == set(value), broken("_parse_frame_header", f"other flags for {what}")
+                else:
+                    assert mine[name] == value, broken("_parse_frame_header", f"another {name} for {what}")
+
+
+def test_a_templated_frames_flags_are_read_only():
+    from ptth_sync.engine.h2compat import _parse_frame_header
+
+    frame, _ = _parse_frame_header(bytes((0, 0, 0, 0x0, 0x1, 0, 0, 0, 1)))
+    assert "END_STREAM" in frame.flags
+    with pytest.raises(TypeError):
+        frame.flags.add("PADDED")
