@@ -21,7 +21,7 @@ compares what these classes write and parse with stock h2.
 from __future__ import annotations
 
 import collections
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple, Type
 
 import h2.config
 import h2.connection
@@ -329,7 +329,7 @@ class _ReceivedFlags(hyperframe.flags.Flags):
 
 
 #: Per (frame type, flag byte): the class, the attributes its constructor sets but the stream, and its flags.
-_Template = Tuple[type, Dict[str, Any], _ReceivedFlags]
+_Template = Tuple[Type[hyperframe.frame.Frame], Dict[str, Any], _ReceivedFlags]
 _TEMPLATES: Dict[Tuple[int, int], _Template] = {}
 _DATA = hyperframe.frame.DataFrame.type
 _HEADERS = hyperframe.frame.HeadersFrame.type
