@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from gunicorn.workers import base
 
-__all__ = ["ThreadedWorker"]
+__all__ = ["SettingsSnapshot", "ThreadedWorker"]
+
+
+class SettingsSnapshot:
+    """A worker's gunicorn settings, each read from its ``Config`` once and kept.
+
+    ``Config`` finds a setting by name at every read, and gunicorn's request
+    parser, WSGI environ and response writer read about twenty of them per
+    request. A worker's settings never change (a reload starts new workers),
+    so a worker may hand this to them in place of its ``Config``.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.__dict__["_config"] = config
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._config, name)  # (an unknown name raises AttributeError, as Config does)
+        self.__dict__[name] = value
+        return value
 
 
 class ThreadedWorker(base.Worker):

@@ -41,7 +41,7 @@ from gunicorn import http, sock, util
 from gunicorn.http import wsgi
 from gunicorn.http.body import LengthReader
 
-from ..gunicorn_base import ThreadedWorker
+from ..gunicorn_base import SettingsSnapshot, ThreadedWorker
 from ..websocket import going_away_delay
 from .app import SMALL_BODY, TUNNELS_FULL, Proxied, TunnelBroken
 from .checks import CLOSE_CONNECTION
@@ -323,6 +323,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
     _reading: LoopReading
 
     def init_process(self) -> None:
+        # gunicorn's parser, environ and response read settings per request: each is looked up once instead.
+        self.cfg = SettingsSnapshot(self.cfg)
         if self.cpu_affinity:  # before any thread starts: they inherit it
             cpu = bind_to_cpu(self.age - 1)
             if cpu is not None:
