@@ -68,7 +68,7 @@ from .backend import Backend
 from .backend.wsgi import handle_request
 from .cli import MAX_BACKOFF_DEFAULT, MIN_BACKOFF_MAX, check_backoff_max, check_routers, check_threads, check_tunnels
 from .engine import Stream
-from .gunicorn_base import ThreadedWorker
+from .gunicorn_base import SettingsSnapshot, ThreadedWorker
 from .origins import normalize_origin
 from .tls import TLSConfigError, client_context
 
@@ -254,6 +254,7 @@ class TunnelWorker(ThreadedWorker):
         self._health_busy = 0
 
     def init_process(self) -> None:
+        self.cfg = SettingsSnapshot(self.cfg)  # (each request reads hooks and settings: each is looked up once)
         try:
             self.addresses, self.tunnels = tunnel_options({**os.environ, **self.cfg.env})
             self.origins = tunnel_origins({**os.environ, **self.cfg.env})
