@@ -283,6 +283,26 @@ def test_server_hooks_are_called_as_with_gthread(router_process, processes, tmp_
     ]
 
 
+def test_a_reload_takes_the_changed_config_file(router_process, processes, tmp_path):
+    """Each worker reads its settings once (``SettingsSnapshot``): SIGHUP's new workers read the new ones."""
+    router = router_process("--tunnel-wait", "10")
+    conf = tmp_path / "reloaded_conf.py"
+    hook = "bind = []\n\ndef pre_request(worker, req):\n    worker.log.info('HOOK %s %s', {!r}, req.path)\n"
+    conf.write_text(hook.format("first"))
+    server = start_gunicorn(processes, router, tmp_path, config=conf)
+    wait_tunnels(router, server, 1)
+    assert fetch(router, "/foo") == (200, b"bar")
+    server.wait_for_line(r"HOOK first /foo$")
+    conf.write_text(hook.format("second"))
+    old = workers_of(server)
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: workers_of(server) and not workers_of(server) & old, timeout=15,
+               what="the new worker, and the old one gone")
+    wait_until(lambda: fetch(router, "/foo") == (200, b"bar") and server.count_lines("HOOK second /foo") > 0,
+               timeout=15, what="a request through the new worker, with the new hook")
+    assert server.count_lines("HOOK first") == 1
+
+
 def test_heartbeat_goes_on_while_redialling_and_during_a_request_longer_than_timeout(
     router_process, processes, tmp_path
 ):
