@@ -194,6 +194,11 @@ def children(pid: int) -> List[int]:
 
 def only_child(service: Service, count: int = 1) -> int:
     """The pid of a gunicorn master's (first) worker process, once all ``count`` are there."""
+    return worker_processes(service, count)[0]
+
+
+def worker_processes(service: Service, count: int) -> List[int]:
+    """The pids of a gunicorn master's ``count`` worker processes, once all are there."""
     found: List[int] = []
 
     def check() -> bool:
@@ -201,7 +206,7 @@ def only_child(service: Service, count: int = 1) -> int:
         return len(found) == count
 
     wait_until(check, STARTUP_TIMEOUT_S, f"{service.name}'s worker process", [service])
-    return found[0]
+    return found
 
 
 # -- processes -----------------------------------------------------------------
@@ -338,8 +343,10 @@ class Endpoint:
 
     name: str
     base_url: str
-    server_pid: int  # the gunicorn worker, or the router's worker
+    server_pid: int  # the gunicorn worker, or the router's (first) worker
     backend_pid: Optional[int] = None
+    #: Every router worker (``--router-workers``): the router's CPU is theirs together.
+    router_pids: Tuple[int, ...] = ()
 
     def url(self, path: str = "/") -> str:
         return self.base_url + path
@@ -351,6 +358,8 @@ class RouterHandle:
     tunnel_address: str
     http_url: str
     worker_pid: int
+    #: All its workers (``worker_pid`` is the first).
+    worker_pids: Tuple[int, ...] = ()
 
     def live_tunnels(self) -> int:
         return len(self.service.matches(TUNNEL_ADDED)) - len(self.service.matches(TUNNEL_REMOVED))
@@ -419,9 +428,9 @@ def start_router(procs: Processes, name: str = "router", workers: int = 1) -> Ro
     service = procs.start(name, argv)
     tunnels = service.wait_for(re.compile(r"Listening for reverse tunnels on tcp://(\S+)"))[0].group(1)
     http_url = service.wait_for(re.compile(r"Listening for HTTP traffic on (http://\S+)"))[0].group(1)
-    worker = only_child(service, workers)
+    workers_pids = worker_processes(service, workers)
     wait_http(http_url + "/", STARTUP_TIMEOUT_S, [service], status=None)
-    return RouterHandle(service, tunnels, http_url, worker)
+    return RouterHandle(service, tunnels, http_url, workers_pids[0], tuple(workers_pids))
 
 
 def start_backend(
@@ -441,7 +450,8 @@ def start_tunnel(procs: Processes, app: str, ready_path: str) -> Endpoint:
     backend = start_backend(procs, router, app, "backend", tunnels=ROUTER_WORKERS)
     router.wait_tunnels(ROUTER_WORKERS, STARTUP_TIMEOUT_S, [backend])
     wait_http(router.http_url + ready_path, STARTUP_TIMEOUT_S, [router.service, backend])
-    return Endpoint("tunnel", router.http_url, server_pid=router.worker_pid, backend_pid=backend.pid)
+    return Endpoint("tunnel", router.http_url, server_pid=router.worker_pid, backend_pid=backend.pid,
+                    router_pids=router.worker_pids)
 
 
 def start_both(procs: Processes, app: str, ready_path: str = "/") -> Dict[str, Endpoint]:
@@ -686,11 +696,16 @@ def summarise(rounds: List[LoadResult]) -> Dict[str, Any]:
     }
 
 
-def endpoint_processes(endpoint: Endpoint) -> Dict[str, int]:
-    """The processes whose CPU a request of this path costs, by role."""
+def endpoint_processes(endpoint: Endpoint) -> Dict[str, Tuple[int, ...]]:
+    """The processes whose CPU a request of this path costs, by role (every router worker for "router")."""
     if endpoint.backend_pid is None:
-        return {"gunicorn": endpoint.server_pid}
-    return {"router": endpoint.server_pid, "backend": endpoint.backend_pid}
+        return {"gunicorn": (endpoint.server_pid,)}
+    return {"router": endpoint.router_pids or (endpoint.server_pid,), "backend": (endpoint.backend_pid,)}
+
+
+def processes_cpu_seconds(pids: Sequence[int]) -> float:
+    """User plus system CPU time the processes ``pids`` have used so far, together."""
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 def measure_level(
@@ -704,11 +719,12 @@ def measure_level(
     for index in range(rounds):
         for name in path_order(index):
             processes = endpoint_processes(endpoints[name])
-            before = {role: cpu_seconds(pid) for role, pid in processes.items()}
+            before = {role: processes_cpu_seconds(pids) for role, pids in processes.items()}
             result = generator.run(endpoints[name].url(), concurrency, duration)
             # CPU per request: what each process used during the run (utime + stime) over the requests served.
             requests = max(result.requests_per_s * duration, 1.0)
-            used = {role: (cpu_seconds(pid) - before[role]) / requests * 1e6 for role, pid in processes.items()}
+            used = {role: (processes_cpu_seconds(pids) - before[role]) / requests * 1e6
+                    for role, pids in processes.items()}
             results[name].append(result)
             cpu[name].append(used)
             log(

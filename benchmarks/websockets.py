@@ -51,7 +51,6 @@ from benchmarks.run import (
     BenchmarkError,
     Endpoint,
     Processes,
-    cpu_seconds,
     endpoint_processes,
     fmt,
     log,
@@ -61,6 +60,7 @@ from benchmarks.run import (
     path_order,
     percentile,
     positive_int,
+    processes_cpu_seconds,
     python_module,
     ratio,
     start_backend,
@@ -144,7 +144,7 @@ def measure_throughput(endpoint: Endpoint, connections: int, window: int, durati
             failures.append(repr(exc))
 
     processes = endpoint_processes(endpoint)
-    cpu_before = {role: cpu_seconds(pid) for role, pid in processes.items()}
+    cpu_before = {role: processes_cpu_seconds(pids) for role, pids in processes.items()}
     threads = [threading.Thread(target=client, args=(i, ws), daemon=True) for i, ws in enumerate(sockets)]
     started = time.monotonic()
     for thread in threads:
@@ -159,7 +159,8 @@ def measure_throughput(endpoint: Endpoint, connections: int, window: int, durati
     if failures:
         raise BenchmarkError(f"{len(failures)} client(s) failed: {failures[0]}")
     total = sum(counts)
-    cpu = {role: (cpu_seconds(pid) - cpu_before[role]) / max(total, 1) * 1e6 for role, pid in processes.items()}
+    cpu = {role: (processes_cpu_seconds(pids) - cpu_before[role]) / max(total, 1) * 1e6
+           for role, pids in processes.items()}
     return {"messages_per_s": total / elapsed, "messages": total, "cpu_us_per_message": cpu}
 
 
