@@ -64,14 +64,22 @@ LOG_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
 
 
+#: Libraries whose DEBUG lines trace every header they code, values included (credentials, cookies):
+#: ``--log-level debug`` leaves them out.
+_HEADER_TRACING_LOGGERS = ("hpack",)
+
+
 def configure_logging(level: str = "info") -> None:
-    """Log to stderr with a time/level prefix, in gunicorn's style."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=LOG_FORMAT,
-        datefmt=LOG_DATE_FORMAT,
-    )
+    """Log to stderr with a time/level prefix, in gunicorn's style.
+
+    ``debug`` is ptth_sync's and gunicorn's debug lines, not HPACK's trace of
+    each header (about 30 lines a request, with the values of ``Authorization``
+    and ``Cookie``): what a debug log shows should be safe to share.
+    """
+    threshold = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(stream=sys.stderr, level=threshold, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
+    for name in _HEADER_TRACING_LOGGERS:
+        logging.getLogger(name).setLevel(max(threshold, logging.INFO))
 
 
 def add_lifecycle_arguments(parser: argparse.ArgumentParser, on_dead_peer: str) -> None:
