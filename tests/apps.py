@@ -119,11 +119,19 @@ def endless(environ, start_response):
     return body()
 
 
+def big_headers(environ, start_response):
+    """A response with an ``X-Big`` header of ``?bytes=N`` bytes (default 1000)."""
+    query = environ.get("QUERY_STRING", "")
+    size = int(query[6:]) if query.startswith("bytes=") else 1000
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2"), ("X-Big", "b" * size)])
+    return [b"ok"]
+
+
 def multi(environ, start_response):
     """Routes by path to the apps above; every response names the serving process."""
     path = environ["PATH_INFO"]
     routes = {"/foo": hello, "/pid": pid, "/sleep": sleepy, "/count": count, "/download": download,
-              "/endless": endless, "/echo": echo}
+              "/endless": endless, "/echo": echo, "/big-headers": big_headers}
     app = routes.get(path, hello)
     if path == "/sleep":
         environ["wsgi.errors"].write(f"sleeping in {os.getpid()}\n")

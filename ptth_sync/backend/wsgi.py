@@ -10,7 +10,7 @@ from h2.errors import ErrorCodes
 
 from ..engine import Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset
-from ..headers import InvalidHeader, build_environ, encode_response_headers
+from ..headers import InvalidHeader, build_environ, encode_response_headers, header_list_size
 
 __all__ = ["StreamInput", "handle_request", "is_websocket_request"]
 
@@ -143,6 +143,13 @@ class _Response:
             msg = "start_response called a second time without exc_info"
             raise AssertionError(msg)
         code, block = encode_response_headers(status, headers)
+        limit = self.stream.peer_max_header_list_size
+        if limit is not None and header_list_size(block) > limit:
+            # The router would have to drop them, and with them its tunnel: refused here, the
+            # request is answered 500 and the tunnel carries on.
+            msg = (f"response headers of {header_list_size(block)} bytes exceed the router's limit of {limit} "
+                   "bytes (SETTINGS_MAX_HEADER_LIST_SIZE): send less in headers, in the body instead")
+            raise InvalidHeader(msg)
         self.code, self.block = code, block
         self.status, self.headers = status, list(headers)
         self.no_body = self.no_body or code in (204, 304)

@@ -106,6 +106,12 @@ class Stream:
         return self._remote_ended
 
     @property
+    def peer_max_header_list_size(self) -> Optional[int]:
+        """The largest header block the connection's peer accepts (RFC 9113 size), if it said."""
+        limit: Optional[int] = self.connection._h2.remote_settings.max_header_list_size
+        return limit
+
+    @property
     def cancelled(self) -> bool:
         """True once the stream was reset (by either side) or its connection died."""
         conn = self.connection

@@ -161,6 +161,24 @@ def test_a_large_upload_cut_short_resets_its_stream_only(tunnel, download):
     assert backend.count_lines("Traceback") == 0
 
 
+def test_response_headers_over_the_routers_limit_are_a_500_from_the_backend_not_a_lost_tunnel(tunnel, download):
+    """The router accepts header blocks of 64 KiB; one larger would make it drop the whole tunnel."""
+    router, backend = tunnel
+    connection = http.client.HTTPConnection(router.http_host, router.http_port, timeout=10)
+    try:
+        connection.request("GET", "/big-headers?bytes=70000")
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (500, b"Internal Server Error\n")
+        connection.request("GET", "/big-headers?bytes=60000")  # under the limit, on the same connection
+        response = connection.getresponse()
+        assert (response.status, len(response.getheader("X-Big", "")), response.read()) == (200, 60000, b"ok")
+    finally:
+        connection.close()
+    backend.wait_for_line(r"response headers of 702\d\d bytes exceed the router's limit of 65536 bytes")
+    download.assert_complete()
+    assert_no_tunnel_lost(router, backend)
+
+
 def test_a_connect_flood_beside_steady_traffic_fails_no_good_request(tunnel):
     """100 CONNECT requests over a few seconds next to a bounded stream of good ones: none of those fails."""
     router, backend = tunnel

@@ -7,19 +7,20 @@ import sys
 import pytest
 from h2.errors import ErrorCodes
 
-from ptth_sync.backend.wsgi import _Response, handle_request
+from ptth_sync.backend.wsgi import _ERROR_BLOCK, _Response, handle_request
 from ptth_sync.headers import InvalidHeader
 
 
 class FakeStream:
     """Records what the response sends; ``local_ended`` follows END_STREAM like a real stream."""
 
-    def __init__(self, headers=None, body=b""):
+    def __init__(self, headers=None, body=b"", peer_max_header_list_size=None):
         self.headers = headers
         self.body = [body] if body else []
         self.calls = []
         self.local_ended = False
         self.cancelled = False
+        self.peer_max_header_list_size = peer_max_header_list_size
 
     def read(self, size=-1, timeout=None):
         return self.body.pop(0) if self.body else b""
@@ -406,3 +407,32 @@ def test_handle_request_skips_the_app_for_a_stream_cancelled_while_it_waited():
     handle_request(stream, app)
     assert calls == []
     assert not any(call[0].startswith("send") for call in stream.calls)
+
+
+def test_response_headers_over_the_peers_limit_are_refused_before_anything_is_sent():
+    # RFC 9113 size: each field's name and value plus 32. ":status" "200" = 42, "x-big" + N + 32.
+    limit = 42 + (5 + 100 + 32)
+    at_limit, over = _Response(FakeStream(peer_max_header_list_size=limit), "GET"), FakeStream(
+        peer_max_header_list_size=limit)
+    at_limit.start("200 OK", [("X-Big", "b" * 100)])  # exactly the limit: accepted
+    response = _Response(over, "GET")
+    with pytest.raises(InvalidHeader, match=rf"response headers of {limit + 1} bytes exceed the router's limit of "
+                                            rf"{limit} bytes"):
+        response.start("200 OK", [("X-Big", "b" * 101)])
+    assert over.calls == []  # nothing sent: the 500 can still go out
+    assert response.block is None
+
+
+_ERROR_HEADERS = _ERROR_BLOCK[1:]
+
+
+def test_response_headers_over_the_peers_limit_are_answered_500():
+    stream = FakeStream(headers=[(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                                 (b":authority", b"x")], peer_max_header_list_size=1000)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("X-Big", "b" * 2000)])
+        return [b"never"]
+
+    handle_request(stream, app)
+    assert stream.calls[0][:2] == ("send_response", [(b":status", b"500"), *_ERROR_HEADERS])
