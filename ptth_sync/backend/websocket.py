@@ -62,7 +62,7 @@ from ..engine import Connection, Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset, StreamTimeout
 from ..headers import InvalidHeader, build_environ, encode_response_headers
 from ..websocket import GOING_AWAY, FrameTracker, close_frame, credit_batch, valid_key
-from .wsgi import WSGIApp, _answer_error, _Response, _write_result, is_websocket_request
+from .wsgi import WSGIApp, _answer_error, _Response, _write_result, check_header_list_size, is_websocket_request
 
 __all__ = ["TunnelSocket", "close_websockets", "handle_websocket", "is_websocket_request", "open_websockets"]
 
@@ -347,6 +347,10 @@ class TunnelSocket:
         self.headers = headers
 
     def _send_headers(self, block: List[Tuple[bytes, bytes]], body: bytes = b"") -> None:
+        try:
+            check_header_list_size(self._stream, block)
+        except InvalidHeader as exc:
+            self._bad_head(str(exc))
         try:
             self._stream.send_response(block, body, end_stream=bool(body))
         except (StreamReset, ConnectionClosed) as exc:

@@ -12,7 +12,7 @@ from ..engine import Stream
 from ..errors import ConnectionClosed, PTTHError, StreamReset
 from ..headers import InvalidHeader, build_environ, encode_response_headers, header_list_size
 
-__all__ = ["StreamInput", "handle_request", "is_websocket_request"]
+__all__ = ["StreamInput", "check_header_list_size", "handle_request", "is_websocket_request"]
 
 log = logging.getLogger("ptth_sync.backend")
 
@@ -143,13 +143,7 @@ class _Response:
             msg = "start_response called a second time without exc_info"
             raise AssertionError(msg)
         code, block = encode_response_headers(status, headers)
-        limit = self.stream.peer_max_header_list_size
-        if limit is not None and header_list_size(block) > limit:
-            # The router would have to drop them, and with them its tunnel: refused here, the
-            # request is answered 500 and the tunnel carries on.
-            msg = (f"response headers of {header_list_size(block)} bytes exceed the router's limit of {limit} "
-                   "bytes (SETTINGS_MAX_HEADER_LIST_SIZE): send less in headers, in the body instead")
-            raise InvalidHeader(msg)
+        check_header_list_size(self.stream, block)
         self.code, self.block = code, block
         self.status, self.headers = status, list(headers)
         self.no_body = self.no_body or code in (204, 304)
@@ -201,6 +195,19 @@ class _Response:
             self.stream.reset(ErrorCodes.INTERNAL_ERROR)
             return
         self.write(b"", end_stream=True)
+
+
+def check_header_list_size(stream: Stream, block: List[Tuple[bytes, bytes]]) -> None:
+    """:class:`InvalidHeader` for response headers larger than the router accepts.
+
+    The router would have to drop them, and with them its tunnel: refused
+    here, before anything is sent, the request fails alone.
+    """
+    limit = stream.peer_max_header_list_size
+    if limit is not None and header_list_size(block) > limit:
+        msg = (f"response headers of {header_list_size(block)} bytes exceed the router's limit of {limit} "
+               "bytes (SETTINGS_MAX_HEADER_LIST_SIZE): send less in headers, in the body instead")
+        raise InvalidHeader(msg)
 
 
 def handle_request(stream: Stream, app: WSGIApp, peer: Optional[Tuple[str, int]] = None) -> _Response:
