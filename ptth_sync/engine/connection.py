@@ -45,7 +45,6 @@ import threading
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
-import h2.config
 import h2.exceptions
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
@@ -54,7 +53,7 @@ from ..errors import ConnectionClosed, StreamTimeout
 from ..sockets import peer_name, shutdown
 from ..waiting import WaitQueue
 from .allocator import _tune_allocator
-from .h2compat import _H2Connection
+from .h2compat import _H2Configuration, _H2Connection
 from .limits import AbuseLimits
 from .outbox import Outbox
 from .reader import ReaderLoop
@@ -103,7 +102,9 @@ class Connection(ReaderLoop):
         # anything. The client role (the router) checks each response once
         # itself as it turns it into HTTP/1.1 (headers.response_status and
         # response_headers), and h2's pass over it would be a second one.
-        config = h2.config.H2Configuration(
+        config = _H2Configuration(
+            header_list_limit=self.settings.max_header_list_size,
+            decoded_header_list_bound=self.settings.max_header_block,
             client_side=client_side,
             header_encoding=None,
             validate_outbound_headers=False,

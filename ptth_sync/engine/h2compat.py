@@ -9,7 +9,9 @@ compares what these classes write and parse with stock h2.
 
 - :class:`_H2Connection`: DATA frames leave as their 9-byte header plus the
   caller's payload object; a new request does not make h2 walk every stream;
-  a malformed message resets its stream instead of failing the connection.
+  a malformed message, or one with more headers than we advertised
+  (:class:`_H2Configuration`), resets its stream instead of failing the
+  connection.
 - :class:`_H2Stream`: a request's or final response's header block is
   written without hyperframe's frame objects; the checks of a received
   message raise :class:`_Malformed`.
@@ -134,7 +136,14 @@ class _H2Stream(h2.stream.H2Stream):
             raise _Malformed(self.stream_id, "an informational response with END_STREAM")
         if not end_stream and self.state_machine.headers_received:
             raise _Malformed(self.stream_id, "trailers without END_STREAM")
-        return super().receive_headers(headers, end_stream, header_encoding)
+        received = super().receive_headers(headers, end_stream, header_encoding)
+        # Over the size we advertised (but decoded: HPACK stays in step): this message only.
+        limit = getattr(self.config, "header_list_limit", None)
+        if limit is not None:
+            size = 32 * len(headers) + sum([len(name) + len(value) for name, value in headers])
+            if size > limit:
+                raise _Malformed(self.stream_id, f"a header block of {size} bytes, over the {limit} it may have")
+        return received
 
     # Relies on (h2 4.1.0-4.4.1): the private _initialize_content_length(headers), which raises
     # ProtocolError for a bad or conflicting content-length.
@@ -161,6 +170,23 @@ class _H2Stream(h2.stream.H2Stream):
             raise _Malformed(self.stream_id, f"a body of another length than its content-length ({exc})") from None
 
 
+class _H2Configuration(h2.config.H2Configuration):
+    """h2's configuration, with the engine's two bounds on a received header list.
+
+    ``header_list_limit`` is what we advertise (SETTINGS_MAX_HEADER_LIST_SIZE):
+    a larger list is a malformed message (its stream is reset). h2 gives
+    HPACK that limit, and HPACK stops decoding past it, which leaves its state
+    out of step with the peer's: a connection error. So HPACK decodes up to
+    ``decoded_header_list_bound`` instead; past that (an HPACK bomb), the
+    connection fails.
+    """
+
+    def __init__(self, *, header_list_limit: int, decoded_header_list_bound: int, **options: Any) -> None:
+        super().__init__(**options)
+        self.header_list_limit = header_list_limit
+        self.decoded_header_list_bound = max(decoded_header_list_bound, header_list_limit)
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2, with DATA frames leaving as their 9-byte header plus the caller's payload object.
 
@@ -181,6 +207,20 @@ class _H2Connection(h2.connection.H2Connection):
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         self._segments: List[Any] = []  # output ahead of self._data_to_send, in wire order
         self._opened_since_sweep = 0  # request streams opened since h2 last dropped its closed streams
+        self._bound_decoding()
+
+    # Relies on (h2 4.1.0-4.4.1): the private _local_settings_acked(), which sets the public
+    # decoder.max_header_list_size to our acknowledged SETTINGS_MAX_HEADER_LIST_SIZE.
+    def _local_settings_acked(self) -> Any:
+        changes = super()._local_settings_acked()
+        self._bound_decoding()
+        return changes
+
+    def _bound_decoding(self) -> None:
+        """HPACK decodes header lists up to the configuration's bound (see :class:`_H2Configuration`)."""
+        bound = getattr(self.config, "decoded_header_list_bound", None)
+        if bound is not None:
+            self.decoder.max_header_list_size = bound
 
     def accept_frames_up_to(self, size: int) -> None:
         """Accept frames up to ``size`` bytes from now on, before the peer acknowledged our SETTINGS saying so.

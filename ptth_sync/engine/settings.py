@@ -22,7 +22,7 @@ class ConnectionSettings:
     max_frame_size: int = 1024 * 1024
     #: Streams the peer may open at once (meaningful for the server role).
     max_concurrent_streams: int = 100
-    #: Largest decoded header block we accept.
+    #: Largest decoded header block we accept (advertised); a larger one resets its stream.
     max_header_list_size: int = 64 * 1024
     #: Bytes asked of one ``recv`` call.
     recv_size: int = 256 * 1024
@@ -38,7 +38,8 @@ class ConnectionSettings:
     #: RST_STREAM frames the peer may send per second (the "rapid reset" attack
     #: opens and cancels streams as fast as it can); beyond that, the same.
     max_resets_per_second: int = 2000
-    #: Bytes of a header block (HEADERS + CONTINUATION) buffered before END_HEADERS.
+    #: Bytes of a header block (HEADERS + CONTINUATION) buffered before END_HEADERS, and the most it
+    #: may decode to: past either, the peer is flooding us and the connection fails.
     max_header_block: int = 256 * 1024
     #: Bytes we may have queued for a peer that does not read them (PING and
     #: SETTINGS acknowledgements, window updates) before giving up on it.

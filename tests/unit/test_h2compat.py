@@ -24,7 +24,7 @@ import hyperframe
 import hyperframe.frame
 import pytest
 
-from ptth_sync.engine.h2compat import StreamMalformed, _FrameBuffer, _H2Connection, _H2Stream
+from ptth_sync.engine.h2compat import StreamMalformed, _FrameBuffer, _H2Configuration, _H2Connection, _H2Stream
 
 VERSIONS = f"h2 {h2.__version__}, hyperframe {hyperframe.__version__}"
 REQUEST = [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"test")]
@@ -49,6 +49,7 @@ RELIED_ON_METHODS = [
     ("_H2Connection.send_headers", h2.connection.H2Connection, "send_headers",
      ["self", "stream_id", "headers", "end_stream", "priority_weight", "priority_depends_on", "priority_exclusive"]),
     ("_H2Connection.data_to_send", h2.connection.H2Connection, "data_to_send", ["self", "amount"]),
+    ("_H2Connection._local_settings_acked", h2.connection.H2Connection, "_local_settings_acked", ["self"]),
     ("_H2Connection.clear_outbound_data_buffer", h2.connection.H2Connection, "clear_outbound_data_buffer", ["self"]),
     ("_H2Stream.send_headers", h2.stream.H2Stream, "send_headers", ["self", "headers", "encoder", "end_stream"]),
     ("_H2Stream.receive_headers", h2.stream.H2Stream, "receive_headers",
@@ -225,6 +226,40 @@ def test_a_malformed_request_resets_its_stream_only():
     events = server.receive_data(client.data_to_send())
     assert any(isinstance(event, StreamMalformed) for event in events), broken(
         "_H2Stream._process_received_headers", f"a connection-specific header gave {events}, not StreamMalformed")
+
+
+def test_a_header_list_over_the_advertised_limit_resets_its_stream_and_hpack_stays_in_step():
+    def bounded(client_side: bool) -> _H2Configuration:
+        return _H2Configuration(header_list_limit=1000, decoded_header_list_bound=4000, client_side=client_side,
+                                header_encoding=None, validate_outbound_headers=False,
+                                normalize_outbound_headers=False)
+
+    client = h2.connection.H2Connection(config=h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False))
+    server = _H2Connection(config=bounded(False))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.update_settings({h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 1000})
+    for _ in range(3):  # the SETTINGS and their ACKs: h2 sets HPACK's limit to ours as ours is acknowledged
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    assert server.local_settings.max_header_list_size == 1000
+    assert server.decoder.max_header_list_size == 4000, broken(
+        "_H2Connection._local_settings_acked", "h2 no longer sets HPACK's limit there: it was not raised again")
+    client.send_headers(1, [*REQUEST, (b"x-big", b"b" * 2000)], end_stream=True)  # indexed: HPACK's table changes
+    events = server.receive_data(client.data_to_send())
+    assert [type(event) for event in events] == [StreamMalformed], broken(
+        "_H2Stream.receive_headers", f"2 KB of headers over a 1,000-byte limit gave {events}, not StreamMalformed")
+    assert "a header block of 2" in events[0].reason
+    client.send_headers(3, [*REQUEST, (b"x-big", b"b" * 2000)], end_stream=True)  # now from the table: 1 byte
+    assert isinstance(server.receive_data(client.data_to_send())[0], StreamMalformed)
+    client.send_headers(5, REQUEST, end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    assert isinstance(events[0], h2.events.RequestReceived)
+    assert events[0].headers == REQUEST  # decoded in step with the client's HPACK state
+    client.send_headers(7, [*REQUEST, (b"x-huge", b"h" * 5000)], end_stream=True)  # past the bound: the connection
+    with pytest.raises(h2.exceptions.DenialOfServiceError):
+        server.receive_data(client.data_to_send())
 
 
 def test_a_frames_repr_states_only_its_payloads_length():
