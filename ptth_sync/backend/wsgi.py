@@ -148,12 +148,21 @@ class _Response:
         self.status, self.headers = status, list(headers)
         self.no_body = self.no_body or code in (204, 304)
         self.remaining = None
+        repeated = False
         for name, value in block:
             if name == b"content-length":
                 if not value.isdigit():
                     msg = f"invalid Content-Length {value!r}"
                     raise InvalidHeader(msg)
+                if self.remaining is not None:
+                    if int(value) != self.remaining:
+                        msg = f"two different Content-Length values, {self.remaining} and {int(value)}"
+                        raise InvalidHeader(msg)
+                    repeated = True
                 self.remaining = int(value)
+        if repeated:  # the same length twice: said once (RFC 9110 §8.6)
+            first = next(index for index, (name, _) in enumerate(block) if name == b"content-length")
+            block[:] = [field for index, field in enumerate(block) if index == first or field[0] != b"content-length"]
         if self.no_body:
             # HEAD and 304 may announce the length of the body they do not carry.
             self.remaining = None

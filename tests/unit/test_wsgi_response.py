@@ -436,3 +436,16 @@ def test_response_headers_over_the_peers_limit_are_answered_500():
 
     handle_request(stream, app)
     assert stream.calls[0][:2] == ("send_response", [(b":status", b"500"), *_ERROR_HEADERS])
+
+
+def test_two_different_content_lengths_are_an_application_error():
+    response = _Response(FakeStream(), "GET")
+    with pytest.raises(InvalidHeader, match="two different Content-Length values, 2 and 3"):
+        response.start("200 OK", [("Content-Length", "2"), ("Content-Length", "3")])
+
+
+def test_the_same_content_length_twice_is_sent_once():
+    response = _Response(FakeStream(), "GET")
+    response.start("200 OK", [("Content-Length", "2"), ("X-A", "1"), ("Content-Length", "2")])
+    assert response.block == [(b":status", b"200"), (b"content-length", b"2"), (b"x-a", b"1")]
+    assert response.remaining == 2
