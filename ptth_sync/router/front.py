@@ -60,8 +60,13 @@ _EMFILE_PAUSE = 0.1
 
 
 def head_complete(buffer: Any) -> bool:
-    """True when ``buffer`` holds a whole HTTP/1.1 request head (up to the blank line)."""
-    return b"\r\n\r\n" in buffer
+    """True when ``buffer`` holds a whole HTTP/1.1 request head (up to the blank line).
+
+    A blank line of bare line feeds ends one too: gunicorn's parser refuses
+    it at once (400), as it does when it reads the socket itself, where the
+    client would otherwise wait for ``--header-timeout`` and get nothing.
+    """
+    return b"\r\n\r\n" in buffer or b"\n\n" in buffer
 
 
 class WaitingClient:

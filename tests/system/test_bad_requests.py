@@ -112,6 +112,7 @@ BAD_REQUESTS: Dict[str, Tuple[bytes, int]] = {
                      b"5\r\nhello\r\n0\r\n\r\n", 501),
     "bad-chunk-size": (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                        b"zz\r\nhello\r\n0\r\n\r\n", 400),
+    "bare-line-feeds": (b"GET /foo HTTP/1.1\nHost: x\n\n", 400),  # (printf ... | nc)
 }
 
 
@@ -128,6 +129,15 @@ def test_a_bad_request_gets_its_status_and_costs_no_tunnel(tunnel, download, nam
         assert b"\r\nAllow: GET, HEAD, POST" in response
     assert response.count(b"\r\nContent-Length: ") == 1, response  # one response, then the close
     download.assert_complete()
+    assert_no_tunnel_lost(router, backend)
+
+
+def test_a_head_ending_in_bare_line_feeds_is_answered_400_not_left_to_the_header_timeout(tunnel):
+    """``printf 'GET / HTTP/1.1\\nHost: x\\n\\n' | nc``: direct gunicorn answers 400 at once; so does the router."""
+    router, backend = tunnel
+    response = raw_exchange((router.http_host, router.http_port), b"GET /foo HTTP/1.1\nHost: x\n\n", timeout=30)
+    assert response.startswith(b"HTTP/1.1 400 "), response[:200]
+    assert router.count_lines("request head not received") == 0
     assert_no_tunnel_lost(router, backend)
 
 
