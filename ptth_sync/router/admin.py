@@ -2,7 +2,11 @@
 
 The admin endpoints run on a small threaded HTTP server of the standard
 library, beside the proxy: they read counters under a lock for a moment and
-never touch a tunnel or a client connection.
+never touch a tunnel or a client connection. A connection costs a thread, so
+a process serves at most :data:`ADMIN_CONNECTIONS` at once (more are closed,
+logged) and each for at most :data:`ADMIN_DEADLINE` seconds: a flood of slow
+or silent clients on the admin port costs the worker a bounded number of
+threads and descriptors, and a scrape gets through within that deadline.
 
 With several router processes (gunicorn workers), each process counts its own
 requests and holds its own tunnels. The admin socket is bound by the master
@@ -32,12 +36,18 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from . import metrics
 
-__all__ = ["PUBLISH_INTERVAL", "AdminServer", "SharedMetrics", "is_loopback"]
+__all__ = ["ADMIN_CONNECTIONS", "ADMIN_DEADLINE", "PUBLISH_INTERVAL", "AdminServer", "SharedMetrics", "is_loopback"]
 
 log = logging.getLogger("ptth_sync.router")
 
 #: Seconds between the snapshots a worker writes for the others.
 PUBLISH_INTERVAL = 1.0
+#: Admin connections one process serves at once (each on a thread of its own).
+ADMIN_CONNECTIONS = 16
+#: Seconds an admin connection may last, from its accept to its answer (Prometheus' scrape_timeout is 10 s).
+ADMIN_DEADLINE = 10.0
+#: Seconds between two lines about refused admin connections.
+_REFUSAL_LOG_INTERVAL = 10.0
 
 _RETIRED = "retired.json"
 _FOLDED_KEPT = 256  # names of folded snapshot files remembered, so readers never count one twice
@@ -246,6 +256,50 @@ class _Server(ThreadingHTTPServer):
         self.socket.close()
         self.socket = sock
         self.collect = collect
+        self._lock = threading.Lock()
+        self._serving: Dict[socket.socket, float] = {}  # connection -> its deadline
+        self._refused = 0
+        self._refusals_logged_at = 0.0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """(The serving thread.) A thread for the connection, or the connection closed if there are enough."""
+        now = time.monotonic()
+        with self._lock:
+            full = len(self._serving) >= ADMIN_CONNECTIONS
+            if not full:
+                self._serving[request] = now + ADMIN_DEADLINE
+        if full:
+            self._refuse(request, client_address, now)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._serving.pop(request, None)
+
+    def service_actions(self) -> None:
+        """(The serving thread, every poll interval.) Cut the connections past their deadline."""
+        now = time.monotonic()
+        with self._lock:
+            late = [request for request, deadline in self._serving.items() if now >= deadline]
+        for request in late:
+            try:
+                request.shutdown(socket.SHUT_RDWR)  # its thread's read or write ends at once
+            except OSError:
+                pass
+
+    def _refuse(self, request: Any, client_address: Any, now: float) -> None:
+        self._refused += 1
+        if now - self._refusals_logged_at >= _REFUSAL_LOG_INTERVAL:
+            self._refusals_logged_at = now
+            log.warning("admin: %d connection(s) closed unanswered (latest from %s): %d are served at once, "
+                        "each for at most %gs", self._refused, client_address[0] if client_address else "?",
+                        ADMIN_CONNECTIONS, ADMIN_DEADLINE)
+            self._refused = 0
+        self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("admin: error answering %s", client_address)

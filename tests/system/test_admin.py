@@ -6,10 +6,12 @@ import http.client
 import json
 import os
 import signal
+import socket
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
+from ptth_sync.router.admin import ADMIN_CONNECTIONS, ADMIN_DEADLINE
 from ptth_sync.router.metrics import CONTENT_TYPE, parse
 from tests.conftest import PYTHON, Process, wait_until
 
@@ -163,3 +165,34 @@ def test_an_admin_port_in_use_is_an_error(router_process):
         assert "Cannot listen for the admin endpoints" in other.output()
     finally:
         other.stop()
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_slow_or_silent_admin_clients_cost_a_bounded_number_of_threads(router_process):
+    """A thread per admin connection: at most ADMIN_CONNECTIONS at once, each cut after ADMIN_DEADLINE seconds."""
+    router = router_process("--admin", "127.0.0.1:0")
+    admin = Admin(router)
+    assert admin.health() == 503  # (no tunnel): the worker serves the admin port
+    [worker] = children(router.pid)
+    before = thread_count(worker)
+    silent = []
+    try:
+        for _ in range(200):  # a request line never finished
+            sock = socket.create_connection((admin.host, admin.port), timeout=10)
+            sock.sendall(b"GET /metr")
+            silent.append(sock)
+        router.wait_for_line(r"admin: \d+ connection\(s\) closed unanswered .*: 16 are served at once, each for at "
+                             r"most 10s")
+        assert thread_count(worker) <= before + ADMIN_CONNECTIONS
+    finally:
+        for sock in silent:
+            sock.close()
+    wait_until(lambda: admin.health() == 503, what="a scrape once the silent clients left")
+    wait_until(lambda: thread_count(worker) == before, what="the admin threads to end")
+    # One client that never finishes its request is cut at the deadline, not kept.
+    with socket.create_connection((admin.host, admin.port), timeout=ADMIN_DEADLINE * 3) as sock:
+        sock.sendall(b"GET /metr")
+        assert sock.recv(100) == b""  # closed by the router (a timeout would raise here)
