@@ -330,6 +330,11 @@ def accept_upgrade(sock: socket.socket, access: Optional[TunnelAccess] = None, t
         headers = {name.lower(): value for name, value in request.headers}
         path = request.path or ""
         if request.method != "GET" or not path.startswith(PTTH_PREFIX) or not path.endswith("/"):
+            if "upgrade" not in headers:  # a browser or curl on the wrong port, most likely
+                _answer(sock, 404, "Not Found", body=_NOT_A_TUNNEL)
+                msg = (f"an HTTP request for {path[:100]!r}, not a tunnel's upgrade: HTTP clients belong on the "
+                       "router's HTTP port (--http)")
+                raise HandshakeFailed(msg)
             _answer(sock, 404, "Not Found")
             msg = f"upgrade to an unknown path {path[:100]!r}"
             raise HandshakeFailed(msg)
@@ -378,14 +383,22 @@ def _refuse_plain_wire(sock: socket.socket) -> None:
     linger_close(sock)
 
 
+#: What an HTTP client that reached the tunnel port reads.
+_NOT_A_TUNNEL = ("404 Not Found: this is a ptth_sync router's tunnel port, where backends dial in; send HTTP "
+                 "requests to the router's HTTP port (--http)\n")
+
+
 def _answer(
-    sock: socket.socket, status: int, reason: str, headers: Tuple[Tuple[str, str], ...] = (), close: bool = True
+    sock: socket.socket, status: int, reason: str, headers: Tuple[Tuple[str, str], ...] = (), close: bool = True,
+    body: str = "",
 ) -> None:
     lines = [f"HTTP/1.1 {status} {reason}"] + [f"{name}: {value}" for name, value in headers]
+    if body:
+        lines.append("Content-Type: text/plain; charset=utf-8")
     if close:
-        lines += ["Connection: close", "Content-Length: 0"]
+        lines += ["Connection: close", f"Content-Length: {len(body.encode())}"]
     try:
-        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n" + body).encode("latin-1"))
     except OSError:
         pass
 

@@ -121,6 +121,26 @@ def test_an_upgrade_to_a_foreign_path_gets_404(token_router):
         assert sock.recv(1024).startswith(b"HTTP/1.1 404")
 
 
+def test_a_plain_http_request_on_the_tunnel_port_is_told_where_to_go(token_router, caplog):
+    """``curl http://router:8887/``: a 404 whose body names the HTTP port, and one line in the log."""
+    with socket.create_connection(token_router.tunnel_address, timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8\r\n\r\n")
+        answer = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert b"\r\nContent-Length: %d" % len(body) in head
+    assert b"tunnel port" in body
+    assert b"HTTP port (--http)" in body
+    wait_until(lambda: "HTTP clients belong on the router's HTTP port (--http)" in caplog.text,
+               what="the line in the log")
+    assert len(token_router.pool) == 0
+
+
 def answered(answer: bytes) -> Exception:
     """What the backend's upgrade raises when a peer answers it with ``answer`` and closes."""
     with socket.socket() as listener:

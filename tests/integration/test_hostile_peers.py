@@ -350,8 +350,8 @@ def test_router_drops_a_backend_that_speaks_http1_instead_of_http2(router, start
             PROMPT,
             what="the router to log why it refused the peer",
         )
-        # "GET " opens a PTTH upgrade, which this one is not.
-        assert "failed to open: upgrade to an unknown path '/'" in messages[0]
+        # "GET " opens a PTTH upgrade, which this one is not: an HTTP client on the wrong port, most likely.
+        assert "failed to open: an HTTP request for '/', not a tunnel's upgrade" in messages[0]
         assert not any(r.getMessage().startswith(f"Tunnel added: {name}") for r in caplog.records)
     finally:
         peer.close()
