@@ -24,6 +24,8 @@ def parse_address(value: Union[str, Tuple[str, int]], default_host: str = "127.0
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit():
         msg = f"not a HOST:PORT address: {value!r}"
+        if not sep and text.isdigit():
+            msg += f": for port {text} on {default_host}, give :{text}"
         raise ValueError(msg)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

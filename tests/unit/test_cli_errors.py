@@ -118,6 +118,11 @@ def test_a_url_is_no_address_and_the_error_says_what_to_give(text, reason):
     assert str(info.value) == reason
 
 
+def test_a_port_alone_is_no_address_and_the_error_says_how_to_write_it(capsys):
+    assert usage_error(router_server.main, ["--http", "8888"], capsys) == (
+        "argument --http: not a HOST:PORT address: '8888': for port 8888 on 127.0.0.1, give :8888")
+
+
 def test_the_backend_names_connect_for_a_url(capsys):
     assert usage_error(backend_cli.main, ["--connect", "http://127.0.0.1:8887", "tests.apps:hello"], capsys) == (
         "argument --connect: 'http://127.0.0.1:8887' is a URL, not a HOST:PORT address: give 127.0.0.1:8887")
