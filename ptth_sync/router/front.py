@@ -46,6 +46,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from ..handshake import looks_like_tls
 from ..sockets import peer_name
+from .http1 import refuses_bare_line_feeds
 
 __all__ = ["ClientFront", "WaitingClient", "head_complete"]
 
@@ -62,11 +63,11 @@ _EMFILE_PAUSE = 0.1
 def head_complete(buffer: Any) -> bool:
     """True when ``buffer`` holds a whole HTTP/1.1 request head (up to the blank line).
 
-    A blank line of bare line feeds ends one too: gunicorn's parser refuses
-    it at once (400), as it does when it reads the socket itself, where the
+    A blank line of bare line feeds ends one too when gunicorn's parser
+    refuses it at once (400), as it does reading the socket itself: the
     client would otherwise wait for ``--header-timeout`` and get nothing.
     """
-    return b"\r\n\r\n" in buffer or b"\n\n" in buffer
+    return b"\r\n\r\n" in buffer or (b"\n\n" in buffer and refuses_bare_line_feeds())
 
 
 class WaitingClient:

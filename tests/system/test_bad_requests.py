@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 from tests.conftest import wait_until
+from tests.system.test_slow_clients import status, worker_pid
 
 DOWNLOAD_MIB = 20
 
@@ -132,11 +133,56 @@ def test_a_bad_request_gets_its_status_and_costs_no_tunnel(tunnel, download, nam
     assert_no_tunnel_lost(router, backend)
 
 
-def test_a_head_ending_in_bare_line_feeds_is_answered_400_not_left_to_the_header_timeout(tunnel):
-    """``printf 'GET / HTTP/1.1\\nHost: x\\n\\n' | nc``: direct gunicorn answers 400 at once; so does the router."""
+def _gunicorn_refuses_at_once(head: bytes) -> bool:
+    """Whether gunicorn's own parser refuses ``head`` without waiting for more bytes (gunicorn 27 does)."""
+    from gunicorn.config import Config
+    from gunicorn.http.errors import ParseException
+    from gunicorn.http.parser import RequestParser
+
+    class NoMoreBytes:
+        @staticmethod
+        def recv(size: int) -> bytes:
+            return b""
+
+    parser = RequestParser(Config(), NoMoreBytes, ("127.0.0.1", 1))
+    parser.unreader.unread(head)
+    try:
+        next(parser)
+    except ParseException:
+        return True
+    except Exception:  # NoMoreData: it waits for CRLF CRLF, as it does serving the socket itself
+        return False
+    return False
+
+
+BARE_LF_HEADS = [b"GET /foo HTTP/1.1\nHost: x\n\n", b"GET /foo HTTP/1.1\r\nHost: x\n\n", b"GET /foo HTTP/1.1\r\n\n"]
+
+
+def test_heads_ending_in_bare_line_feeds_are_answered_as_gunicorn_would_and_hold_no_thread(tunnel):
+    """``printf 'GET / HTTP/1.1\\nHost: x\\n\\n' | nc``: what gunicorn does reading the socket itself.
+
+    gunicorn 27 answers 400 at once, and so does the router; gunicorn 26.2
+    waits for CRLF CRLF, and the router's selector waits too (no thread),
+    until --header-timeout.
+    """
     router, backend = tunnel
-    response = raw_exchange((router.http_host, router.http_port), b"GET /foo HTTP/1.1\nHost: x\n\n", timeout=30)
-    assert response.startswith(b"HTTP/1.1 400 "), response[:200]
+    worker = worker_pid(router.pid)
+    threads_before = status(worker, "Threads")
+    sockets = [socket.create_connection((router.http_host, router.http_port), timeout=30) for _ in range(20)]
+    try:
+        for index, sock in enumerate(sockets):
+            sock.sendall(BARE_LF_HEADS[index % len(BARE_LF_HEADS)])
+        # A request on another connection: the loop has read the heads by the time it answers.
+        assert raw_exchange((router.http_host, router.http_port),
+                            b"GET /foo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").endswith(b"bar")
+        if all(_gunicorn_refuses_at_once(head) for head in BARE_LF_HEADS):
+            for sock in sockets:
+                assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
+        else:  # they wait in the selector, as any head still coming does
+            assert status(worker, "Threads") <= threads_before
+    finally:
+        for sock in sockets:
+            sock.close()
     assert router.count_lines("request head not received") == 0
     assert_no_tunnel_lost(router, backend)
 
