@@ -343,9 +343,6 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         self._retries: List[Relay] = []
         #: WebSockets opened by a request thread, for it to hand over once it let go of the connection.
         self._opened: Dict[int, Any] = {}
-        # The request hooks, looked up once (each look-up is a settings search; a worker's settings never change).
-        self._pre_request = self.cfg.pre_request
-        self._post_request = self.cfg.post_request
         super().init_process()
 
     def run(self) -> None:
@@ -432,7 +429,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             client.need = 0
             req._expected_100_continue = False  # answered while the body was collected
         streamed = length > SMALL_BODY or length > buffered  # else the whole body is here
-        self._pre_request(self, req)
+        self.cfg.pre_request(self, req)
         request_start = datetime.now()
         resp, environ = wsgi.create(req, ResponseSink(), client.addr, self._server_name(client.listener), self.cfg,
                                      response_class=RouterResponse)
@@ -569,7 +566,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             except Exception:
                 self.log.exception("Error writing the access log")
         try:
-            self._post_request(self, relay.req, relay.environ, relay.resp)
+            self.cfg.post_request(self, relay.req, relay.environ, relay.resp)
         except Exception:
             self.log.exception("Exception in post_request hook")
 

@@ -190,9 +190,18 @@ def test_slow_or_silent_admin_clients_cost_a_bounded_number_of_threads(router_pr
     finally:
         for sock in silent:
             sock.close()
-    wait_until(lambda: admin.health() == 503, what="a scrape once the silent clients left")
+    def answered() -> bool:  # (refused, unanswered, while the slots are not all free yet)
+        try:
+            return admin.health() == 503
+        except (OSError, http.client.HTTPException):
+            return False
+
+    wait_until(answered, what="a scrape once the silent clients left")
     wait_until(lambda: thread_count(worker) == before, what="the admin threads to end")
     # One client that never finishes its request is cut at the deadline, not kept.
     with socket.create_connection((admin.host, admin.port), timeout=ADMIN_DEADLINE * 3) as sock:
         sock.sendall(b"GET /metr")
-        assert sock.recv(100) == b""  # closed by the router (a timeout would raise here)
+        try:
+            assert sock.recv(100) == b""  # closed by the router (a timeout would raise TimeoutError here)
+        except ConnectionResetError:
+            pass  # closed too: what the client sent was still unread there, so the close was a reset
