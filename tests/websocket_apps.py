@@ -85,7 +85,8 @@ def raw_socket_app(environ: Dict[str, Any], start_response: Any) -> Any:
     """A bare WSGI application that takes ``gunicorn.socket`` itself, as a Django view can with simple-websocket.
 
     ``/echo`` echoes one message and closes; ``/refuse`` writes a 403 on the socket; ``/ignore`` answers
-    ``200`` through WSGI without accepting; ``/accept`` accepts through ``start_response`` and returns frames.
+    ``200`` through WSGI without accepting; ``/accept`` accepts through ``start_response`` and returns frames;
+    ``/accept-with-70000-bytes-of-headers`` does the same with a header past the router's limit.
     """
     path = environ["PATH_INFO"]
     if path == "/refuse":
@@ -97,12 +98,13 @@ def raw_socket_app(environ: Dict[str, Any], start_response: Any) -> Any:
     if path == "/ignore":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"a page, not a WebSocket"]
-    if path == "/accept":
+    if path in ("/accept", "/accept-with-70000-bytes-of-headers"):
         from ptth_sync.websocket import accept_value
 
+        extra = [("X-Big", "a" * 70000)] if path != "/accept" else []
         start_response("101 Switching Protocols", [
             ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Accept", accept_value(environ["HTTP_SEC_WEBSOCKET_KEY"]))])
+            ("Sec-WebSocket-Accept", accept_value(environ["HTTP_SEC_WEBSOCKET_KEY"])), *extra])
         return [b"\x81\x05hello", b"\x88\x02\x03\xe8"]  # a text frame, then a Close frame (1000)
     ws = simple_websocket.Server(environ)
     try:

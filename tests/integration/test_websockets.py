@@ -271,3 +271,19 @@ def test_the_app_sees_the_request_as_under_gunicorn(ptth_tunnel, path):
     assert seen["HTTP_SEC_WEBSOCKET_PROTOCOL"] == "chat"
     assert seen["socket"] == "TunnelSocket"
     assert "CONTENT_LENGTH" not in seen
+
+
+def test_an_acceptance_with_headers_past_the_routers_limit_is_refused_and_the_tunnel_carries_on(ptth_tunnel,
+                                                                                                 caplog):
+    """A 101 whose headers exceed the router's SETTINGS_MAX_HEADER_LIST_SIZE: the backend refuses to send it
+    (the router would otherwise fail the whole tunnel on it), the client gets an error, the next request works."""
+    url = ptth_tunnel(websocket_apps.raw_socket_app)
+    code, _, _, sock = handshake(url, "/accept-with-70000-bytes-of-headers")
+    sock.close()
+    assert code == 502
+    assert any("exceed the router's limit of 65536 bytes" in record.getMessage() for record in caplog.records)
+    ws = websocket.create_connection(ws_url(url, "/accept"), timeout=10)
+    try:
+        assert ws.recv() == "hello"
+    finally:
+        finish(ws)
