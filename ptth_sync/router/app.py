@@ -692,6 +692,13 @@ class Router:
         return self._reply_client_body_error(environ, start_response, prepared.method, prepared.target,
                                              proxied.started, prepared.body)
 
+    def body_cut_short(self, environ: Dict[str, Any], start_response: StartResponse, method: str, target: str,
+                       received: int, length: int) -> List[bytes]:
+        """A request's small body was cut short before it went to any tunnel: 400, and the connection closes."""
+        body = _RequestBody(environ)
+        body.failure = f"the client sent {received} of the {length} bytes of its Content-Length"
+        return self._reply_client_body_error(environ, start_response, method, target, None, body)
+
     def finished(self, proxied: Proxied, broken: bool = False) -> None:
         """Count a :class:`Proxied` request that is over, and release its stream."""
         proxied.stream.close()

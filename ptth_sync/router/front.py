@@ -73,8 +73,8 @@ def head_complete(buffer: Any) -> bool:
 class WaitingClient:
     """A client connection outside any thread: its socket, what it sent so far, and its deadline."""
 
-    __slots__ = ("addr", "body_length", "buffer", "busy", "deadline", "handshaking", "listener", "need", "owner",
-                 "sock", "started", "watched", "what")
+    __slots__ = ("addr", "body_length", "buffer", "busy", "cut_short", "deadline", "handshaking", "listener", "need",
+                 "owner", "sock", "started", "watched", "what")
 
     def __init__(self, sock: Any, addr: Any, listener: Any, buffer: bytes = b"") -> None:
         self.sock = sock
@@ -94,6 +94,8 @@ class WaitingClient:
         self.need = 0
         self.body_length = 0
         self.what = ""
+        #: The client closed its side before the whole small body came (see ClientFront.collect_body).
+        self.cut_short = False
 
     @property
     def received_body(self) -> int:
@@ -434,9 +436,12 @@ class ClientFront:
                 self._drop(client)
                 return
             if not data:
-                if client.need:
-                    log.info("%s: the client closed the connection with %d of the %d bytes of its request "
-                             "body sent", client.what, client.received_body, client.body_length)
+                if client.need:  # its small body was cut short: answered (400), with no tunnel involved
+                    client.cut_short = True
+                    self._waiting.pop(id(client), None)
+                    client.busy = True
+                    self._handoff(client)
+                    return
                 self._drop(client)
                 return
             if not client.started:

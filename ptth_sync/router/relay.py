@@ -258,6 +258,8 @@ class Relay(SocketWatcher):
 
     def answer(self, body: List[bytes]) -> None:
         """(Lock held.) Send a whole response whose start_response was called (the router's own, or a 502)."""
+        if self.environ.get(CLOSE_CONNECTION):  # as on a thread: the client is told the connection closes
+            self.resp.force_close()
         for item in body:
             self.resp.write(item)
         self.resp.close()

@@ -439,6 +439,12 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         relay.body_length, relay.body_buffered, relay.streamed = length, buffered, streamed
         with self._relays_lock:
             self._relays[id(relay)] = relay
+        if client.cut_short:
+            client.cut_short = False
+            with relay.lock:
+                relay.answer(self.wsgi.body_cut_short(environ, resp.start_response, req.method, req.uri, buffered,
+                                                      length))
+            return True
         relay.origin = self.wsgi.route(environ)
         line = self._parked.get(relay.origin)
         if line:

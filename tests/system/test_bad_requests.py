@@ -129,6 +129,7 @@ def test_a_bad_request_gets_its_status_and_costs_no_tunnel(tunnel, download, nam
     if expected == 405:
         assert b"\r\nAllow: GET, HEAD, POST" in response
     assert response.count(b"\r\nContent-Length: ") == 1, response  # one response, then the close
+    assert b"\r\nConnection: close\r\n" in response, response[:300]  # and it says so
     download.assert_complete()
     assert_no_tunnel_lost(router, backend)
 
@@ -196,12 +197,16 @@ def test_an_absolute_form_target_names_the_host(tunnel):
     assert response.endswith(b"bar")
 
 
-def test_a_small_upload_cut_short_is_dropped_without_touching_the_tunnel(tunnel, download):
-    """A client promises 100 bytes, sends 1 and closes (curl --max-time on a slow upload)."""
+def test_a_small_upload_cut_short_is_answered_without_touching_the_tunnel(tunnel, download):
+    """A client promises 100 bytes, sends 1 and closes its side (curl --max-time on a slow upload): a 400 that
+    says why, as for a large body (the body had not gone to any tunnel yet)."""
     router, backend = tunnel
     request = b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx"
-    raw_exchange((router.http_host, router.http_port), request, close_after_send=True)
-    router.wait_for_line(r"POST /count: the client closed the connection with 1 of the 100 bytes")
+    response = raw_exchange((router.http_host, router.http_port), request, close_after_send=True)
+    assert status_of(response) == 400, response
+    assert b"\r\nConnection: close\r\n" in response
+    assert response.endswith(b"the client sent 1 of the 100 bytes of its Content-Length\n")
+    router.wait_for_line(r"POST /count: 400, the client sent 1 of the 100 bytes")
     download.assert_complete()
     assert_no_tunnel_lost(router, backend)
     assert backend.count_lines("Traceback") == 0
@@ -210,7 +215,9 @@ def test_a_small_upload_cut_short_is_dropped_without_touching_the_tunnel(tunnel,
 def test_a_large_upload_cut_short_resets_its_stream_only(tunnel, download):
     router, backend = tunnel
     request = b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 300_000
-    raw_exchange((router.http_host, router.http_port), request, close_after_send=True)
+    response = raw_exchange((router.http_host, router.http_port), request, close_after_send=True)
+    assert status_of(response) == 400, response[:300]
+    assert b"\r\nConnection: close\r\n" in response
     router.wait_for_line(r"POST /count: 400, the client sent 300000 of the 10000000 bytes")
     download.assert_complete()
     assert_no_tunnel_lost(router, backend)
