@@ -53,7 +53,7 @@ def check_request(environ: Dict[str, Any]) -> Optional[Refusal]:
     method = environ.get("REQUEST_METHOD", "")
     if method == "CONNECT":
         return Refusal(405, "Method Not Allowed", "the router does not tunnel CONNECT requests",
-                       [("Allow", ALLOWED_METHODS)], False)
+                       [("Allow", ALLOWED_METHODS)], True)  # (its client may send tunnel bytes next)
     raw = environ.get("RAW_URI") or ""
     if raw[:7].lower() == "http://" or raw[:8].lower() == "https://":
         authority = urlsplit(raw).netloc
