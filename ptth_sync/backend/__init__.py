@@ -38,6 +38,8 @@ log = logging.getLogger("ptth_sync.backend")
 
 #: Loopback addresses a name such as ``localhost`` resolves to: one router, dialled by name.
 _LOOPBACK_PAIR = {"127.0.0.1", "::1"}
+#: Why a dialler's tunnel ended when the router asked for a new one (it connects again at once).
+_MOVED = "the router asked for a new tunnel"
 
 #: Concurrent streams a plain-wire tunnel advertises at least (as Go's http2.Server does).
 PLAIN_WIRE_STREAMS = 250
@@ -196,6 +198,10 @@ class Backend:
             http1_probe=True,
         )
         self._pool = ThreadPool(threads)
+        #: How long a tunnel the router went away from is kept for the requests it still sends (those it
+        #: had taken in), before it is drained and closed from this side (seconds); the router closes it
+        #: sooner, once its requests are done.
+        self.moved_tunnel_timeout = 60.0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._connections: Dict[int, Connection] = {}
@@ -376,6 +382,9 @@ class Backend:
                 return
             if self._stopping.is_set() or route.retired.is_set():
                 return
+            if reason is _MOVED:
+                attempt = 0
+                continue  # at once: the router waits for this tunnel in another of its processes
             if established:
                 attempt = 0  # it served: the next failure starts the backoff again
             delay, attempt = self._backoff(attempt), attempt + 1
@@ -404,11 +413,14 @@ class Backend:
         GOAWAY refusing the plain wire, an HTTP/1.1 answer, a TLS alert).
         """
         settings = self.settings if self._upgrades(route) else self.plain_settings
+        over = threading.Event()  # closed, or the router is going away from it (see below)
         connection = Connection(
             sock,
             client_side=False,
             settings=settings,
             on_request=self._on_request,
+            on_close=lambda _connection, _reason: over.set(),
+            on_goaway_notice=lambda _connection: over.set(),
             name=route.name,
             initial_data=initial_data,
         )
@@ -423,10 +435,31 @@ class Backend:
         established = connection.was_ready
         if established:
             log.info("Tunnel to %s established", route.name)
+        over.wait()
+        if connection.goaway_notice is not None and not self._stopping.is_set():
+            # The router's process is stopping (a reload, say): it waits for this tunnel in its other
+            # processes. What it had taken in still comes here, and is served until it closes this one.
+            in_flight = connection.active_streams
+            log.info("Tunnel to %s: the router asked for a new one (%s); connecting again, %d request(s) "
+                     "finishing on this one", route.name, connection.goaway_notice[:200].decode("latin-1"),
+                     in_flight)
+            threading.Thread(target=self._finish_moved, args=(connection,), name="ptth-moved",
+                             daemon=True).start()
+            return established, _MOVED, None
         connection.wait_closed()
         with self._lock:
             self._connections.pop(id(connection), None)
         return established, connection.close_reason or "closed", _refusal(connection, sock, established)
+
+    def _finish_moved(self, connection: Connection) -> None:
+        """Serve a tunnel the router is going away from until the router closes it, once the requests it had
+        taken in are answered (or :attr:`moved_tunnel_timeout`: then it is drained); :meth:`stop` meanwhile
+        drains it as the others."""
+        if not connection.wait_closed(self.moved_tunnel_timeout):
+            connection.drain(10.0)
+            connection.wait_closed()
+        with self._lock:
+            self._connections.pop(id(connection), None)
 
     def _dial(self, route: _Route) -> Tuple[Any, bytes]:
         """Connect, wrap in TLS and upgrade as configured; the socket and bytes already read."""

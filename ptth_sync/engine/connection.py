@@ -46,6 +46,7 @@ import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import h2.exceptions
+import hyperframe.frame
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
@@ -84,6 +85,7 @@ class Connection(ReaderLoop):
         on_ready: Optional[Callable[[Connection], None]] = None,
         on_request: Optional[Callable[[Stream], None]] = None,
         on_close: Optional[Callable[[Connection, str], None]] = None,
+        on_goaway_notice: Optional[Callable[[Connection], None]] = None,
         name: str = "",
         initial_data: bytes = b"",
     ) -> None:
@@ -95,6 +97,7 @@ class Connection(ReaderLoop):
         self._on_ready = on_ready
         self._on_request = on_request
         self._on_close = on_close
+        self._on_goaway_notice = on_goaway_notice
         # Outbound checks are ours: both roles send header blocks they built
         # themselves, lower-cased and without connection-specific headers
         # (ptth_sync.headers), which saves h2 a second pass per request.
@@ -138,6 +141,10 @@ class Connection(ReaderLoop):
         #: The peer's first bytes (at most 256) and its GOAWAY's (error code, debug data), once received.
         self.first_bytes = b""
         self.goaway_received: Optional[Tuple[int, bytes]] = None
+        #: Server role: the client announced it is going away (GOAWAY with NO_ERROR; its debug data) while
+        #: the streams in flight go on: it opens no more (see :meth:`leave`).
+        self.goaway_notice: Optional[bytes] = None
+        self._leaving = False  # client role: leave() was called
         self._reader: Optional[threading.Thread] = None
         self._writer: Optional[threading.Thread] = None
         self._started = False
@@ -313,6 +320,30 @@ class Connection(ReaderLoop):
             self._fail(reason)
         self._outbox.send_final_bytes()
         shutdown(self.sock)
+
+    def leave(self, message: str) -> None:
+        """Client role: announce that this side is going away, while the streams in flight go on.
+
+        Sends GOAWAY with NO_ERROR (RFC 9113 §6.8: the peer may finish what
+        is in flight and connect again elsewhere); responses still arrive, and
+        streams may still be opened until the peer announces its drain (our
+        backend does at once: ``SETTINGS_MAX_CONCURRENT_STREAMS = 0``), for
+        requests the caller had already taken in. Stock h2 would close its
+        state on sending it, so the frame is written beside h2's output.
+        :meth:`close` ends the connection as before.
+        """
+        with self._lock:
+            if self._error is not None or self._leaving:
+                return
+            self._leaving = True
+            frame = hyperframe.frame.GoAwayFrame(0)
+            frame.error_code = ErrorCodes.NO_ERROR
+            frame.additional_data = message.encode()[:200]
+            self._outbox.queue_output()  # (h2's output first: wire order)
+            data = frame.serialize()
+            self._outbox.buffers.append(data)
+            self._outbox.queued_bytes += len(data)
+        self._outbox.send_without_blocking()
 
     def drain(self, timeout: Optional[float] = None) -> bool:
         """Server role: refuse new streams, let open ones finish, then GOAWAY.

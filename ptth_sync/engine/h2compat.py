@@ -39,6 +39,8 @@ from h2.errors import ErrorCodes
 
 from .framing import _FRAME_HEADER, _HeaderBlockFrame, _Parts, _Payload
 
+_GOAWAY = hyperframe.frame.GoAwayFrame
+
 __all__ = ["StreamMalformed"]
 
 # Client role: h2 drops its closed streams once per this many new streams (_H2Connection.send_headers).
@@ -207,6 +209,9 @@ class _H2Connection(h2.connection.H2Connection):
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         self._segments: List[Any] = []  # output ahead of self._data_to_send, in wire order
         self._opened_since_sweep = 0  # request streams opened since h2 last dropped its closed streams
+        #: Server role: the debug data of a GOAWAY(NO_ERROR) the client sent, kept here instead of closing
+        #: h2's state (see :meth:`_receive_frame`).
+        self.goaway_notice: Optional[bytes] = None
         self._bound_decoding()
 
     # Relies on (h2 4.1.0-4.4.1): the private _local_settings_acked(), which sets the public
@@ -300,8 +305,15 @@ class _H2Connection(h2.connection.H2Connection):
         """h2's ``_receive_frame`` (4.1-4.4), without its eager ``repr(frame)`` for a trace log.
 
         And a malformed message (:class:`_Malformed`) resets its stream
-        instead of failing the connection.
+        instead of failing the connection; and, in the server role, a client's
+        GOAWAY with NO_ERROR is a notice (:attr:`goaway_notice`): the client
+        opens no more streams, and those in flight go on (RFC 9113 §6.8),
+        where stock h2 would close its state at once and refuse their responses.
         """
+        if frame.__class__ is _GOAWAY and frame.error_code == 0 and not self.config.client_side:
+            if self.goaway_notice is None:
+                self.goaway_notice = bytes(frame.additional_data or b"")
+            return []
         try:
             frames, events = self._frame_dispatch_table[frame.__class__](frame)
         except h2.exceptions.StreamClosedError as exc:

@@ -203,6 +203,10 @@ class ReaderLoop(EventDispatch):
             outbox.send_without_blocking()
         if ended is not None:
             return ended
+        if self._h2.goaway_notice is not None and self.goaway_notice is None:
+            self.goaway_notice = self._h2.goaway_notice
+            if self._on_goaway_notice is not None:
+                self._on_goaway_notice(self)
         if became_ready:
             self.was_ready = True
             self._ready.set()

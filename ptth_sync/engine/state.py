@@ -57,6 +57,7 @@ class ConnectionState:
     _on_ready: Optional[Callable[..., None]]
     _on_request: Optional[Callable[[Stream], None]]
     _on_close: Optional[Callable[..., None]]
+    _on_goaway_notice: Optional[Callable[..., None]]
 
     # Under the state lock.
     _streams: Dict[int, Stream]
@@ -78,6 +79,7 @@ class ConnectionState:
     close_reason: Optional[str]
     first_bytes: bytes
     goaway_received: Optional[Tuple[int, bytes]]
+    goaway_notice: Optional[bytes]
 
     def _fail(self, reason: str) -> None:
         """Mark the connection dead and wake every waiter (lock held). First reason wins."""

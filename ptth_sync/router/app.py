@@ -165,6 +165,8 @@ class Router:
         self._lock = threading.Lock()
         self._gone = threading.Condition(self._lock)  # a tunnel's close callback has finished
         self._closed = False
+        #: The worker stops and let its tunnels go to the next (see :meth:`hand_over`).
+        self._handed_over = False
         self._tls_openings = 0  # TLS handshakes running, each on a thread
         #: A loop that starts plain tunnels and reads and writes them itself instead of threads of their
         #: own (a router worker's front: see tunnel_reading.py); it returns False once it no longer does.
@@ -261,6 +263,34 @@ class Router:
             self._origins.pop(id(connection), None)
             self._gone.notify_all()
 
+    def tunnel_wait_now(self) -> float:
+        """How long a request may wait for a tunnel to appear: ``tunnel_wait``, or longer while tunnels that
+        another worker handed over (or lost as it died) are expected back (see fleet.py)."""
+        if self.fleet is None or self._handed_over:  # (a worker that stops waits for none: they go elsewhere)
+            return self.tunnel_wait
+        return max(self.tunnel_wait, self.fleet.handover_left())
+
+    def hand_over(self) -> int:
+        """The worker stops: it takes no more tunnels, and asks each backend to dial its tunnel again (to
+        the workers that stay, or the fresh ones of a reload); requests in flight finish on the tunnels
+        they use, which close once they are done or at the worker's exit. Returns the tunnels let go."""
+        with self._lock:
+            if self._handed_over or self._closed:
+                return 0
+            self._handed_over = True
+            connections = [connection for connection in self._connections.values() if connection.alive]
+            wake = self._wake
+        if wake is not None:
+            os.write(wake[1], b"x")  # the tunnel acceptor ends (close() joins it)
+        if self.fleet is not None:
+            self.fleet.leave(handing_over=bool(connections))
+        for connection in connections:
+            connection.leave("router worker stopping: connect again")
+        if connections:
+            log.info("Handing %d tunnel(s) over: their backends connect again; requests in flight finish here",
+                     len(connections))
+        return len(connections)
+
     def takes_clients(self) -> bool:
         """Whether this process should take public connections now (always, unless in a fleet)."""
         return self.fleet is None or len(self.pool) > 0 or self.fleet.total() == 0
@@ -332,7 +362,7 @@ class Router:
                     else:
                         timeout = 100 if timeout < 0 else min(timeout, 100)
                 events = poller.poll(timeout)
-                if self._closed:
+                if self._closed or self._handed_over:
                     return
                 for fd, _ in events:
                     if fd in pending:
@@ -340,12 +370,12 @@ class Router:
                 pending.expire()
                 if not any(fd == listener_fd for fd, _ in events):
                     continue
-                if self.fleet is not None and not self.fleet.least_loaded():
+                if self.fleet is not None and self.fleet.spread and not self.fleet.least_loaded():
                     time.sleep(0.05)  # a less loaded worker takes it; if none has within a moment, we do
                     if self._closed:
                         return
                 # In a fleet, one at a time: each tunnel goes to the least loaded process.
-                for _ in range(64 if self.fleet is None else 1):
+                for _ in range(1 if self.fleet is not None and self.fleet.spread else 64):
                     try:
                         sock, _ = listener.accept()
                     except BlockingIOError:
@@ -418,6 +448,9 @@ class Router:
     def _tunnel_ready(self, connection: Connection) -> None:
         with self._lock:
             origin = self._origins.pop(id(connection), ANY)
+            handed_over = self._handed_over
+        if handed_over:  # (it opened as the worker began to stop: it goes to the next one too)
+            connection.leave("router worker stopping: connect again")
         self.metrics.tunnel_added(connection, origin)
         self.pool.add(connection, origin)
         log.info("Tunnel added: %s", connection.name)
@@ -584,7 +617,7 @@ class Router:
             return None
         tunnel = self.pool.choose(exclude=(), wait=0.0, origin=prepared.origin)
         if tunnel is None:
-            if self.tunnel_wait > 0:
+            if self.tunnel_wait_now() > 0:
                 return None
             return self._reply_error(start_response, 503, "Service Unavailable", "no tunnel is connected")
         headers = prepared.headers
@@ -713,7 +746,7 @@ class Router:
         tried: List[Connection] = []
         started: Optional[float] = None  # when the router first called a tunnel for this request
         while True:
-            tunnel = self.pool.choose(exclude=tried, wait=self.tunnel_wait if not tried else 0.0, origin=origin)
+            tunnel = self.pool.choose(exclude=tried, wait=self.tunnel_wait_now() if not tried else 0.0, origin=origin)
             if tunnel is None:
                 if tried:
                     return self._reply_error(start_response, 502, "Bad Gateway",

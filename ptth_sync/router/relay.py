@@ -230,6 +230,8 @@ class Relay(SocketWatcher):
                 return
             self._responding = True
             self._progressed()
+            if not self.host.alive:  # the worker stops: the client is told not to send another request
+                self.resp.force_close()
             body = router.respond(proxied, self.resp.start_response)
             if body is not None:
                 self.answer(body)

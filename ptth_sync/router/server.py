@@ -165,7 +165,9 @@ class RouterServer(BaseApplication):  # type: ignore[misc]
         self.router.close()
 
     def _child_exit(self, server: Any, worker: Any) -> None:
-        # The master: keep the counters of the worker that exited.
+        # The master: keep the counters of the worker that exited, and free its place among the workers.
+        if self.router.fleet is not None:
+            self.router.fleet.retire(worker.pid)
         if self.router.shared_metrics is not None:
             self.router.shared_metrics.retire(worker.pid)
 
@@ -212,8 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     router = Router(timeout=args.timeout, tunnel_wait=args.tunnel_wait, settings=settings,
                     max_body_size=args.max_body_size, token=token, ssl_context=tunnel_tls, tokens=tokens,
                     websocket_idle_timeout=args.websocket_idle_timeout)
-    if args.workers > 1:
-        router.fleet = WorkerFleet(slots=2 * args.workers)  # before the fork: shared
+    # Before the fork: shared. (Also with one worker: a reload runs the old and the new one side by side.)
+    router.fleet = WorkerFleet(slots=2 * args.workers + 2, spread=args.workers > 1)
     # Every listener is bound before anything says "Listening": one in use stops the start at once.
     bound = []
     for what, option, address, bind in (

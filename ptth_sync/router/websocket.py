@@ -153,7 +153,7 @@ def proxy_websocket(router: Router, environ: Dict[str, Any], start_response: Sta
     started: Optional[float] = None
     while True:
         first = not tried and not without
-        tunnel = router.pool.choose(exclude=tried + without, wait=router.tunnel_wait if first else 0.0,
+        tunnel = router.pool.choose(exclude=tried + without, wait=router.tunnel_wait_now() if first else 0.0,
                                     origin=prepared.origin)
         if tunnel is None:
             if tried:

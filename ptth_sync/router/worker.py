@@ -154,6 +154,14 @@ class ClientConnectionLoop:
     max_requests: int
     handle_error: Callable[..., None]
 
+    def _server_name(self, listener: Any) -> Any:
+        """The listener's address (kept: requests still served as the worker stops, its listeners closed)."""
+        names = self.__dict__.setdefault("_server_names", {})
+        name = names.get(id(listener))
+        if name is None:
+            name = names[id(listener)] = listener.getsockname()
+        return name
+
     def serve_connection(self, listener: Any, raw: socket.socket, addr: Any) -> None:
         """Serve requests on ``raw`` until it closes, fails or the host stops; then close it."""
         req = None
@@ -224,7 +232,7 @@ class ClientConnectionLoop:
             if begun is None:
                 self.cfg.pre_request(self, req)
                 request_start = datetime.now()
-                resp, environ = wsgi.create(req, client, addr, listener.getsockname(), self.cfg,
+                resp, environ = wsgi.create(req, client, addr, self._server_name(listener), self.cfg,
                                              response_class=RouterResponse)
                 environ["wsgi.multithread"] = True
                 self._count_request(resp)
@@ -233,8 +241,8 @@ class ClientConnectionLoop:
                 resp.sock = client
             environ[WEBSOCKET] = None  # this server can take the connection over (see websocket.py)
             respiter = self.wsgi(environ, resp.start_response)
-            if environ.get(CLOSE_CONNECTION):  # the rest of what the client sent cannot be trusted
-                resp.force_close()
+            if environ.get(CLOSE_CONNECTION) or not self.alive:  # what the client sent next cannot be trusted,
+                resp.force_close()  # or the worker stops: the client is told not to send another request
             try:
                 for item in respiter:
                     resp.write(item)
@@ -333,7 +341,6 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         self._front: Optional[ClientFront] = None
         self._relays: Dict[int, Relay] = {}
         self._relays_lock = threading.Lock()
-        self._server_names: Dict[int, Any] = {}
         self._next_relay_check = 0.0
         #: Tunnels with relayed requests queued but not sent yet (main thread only).
         self._queued: Set[Any] = set()
@@ -362,6 +369,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         )
         for listener in self.sockets:
             front.add_listener(listener)
+            self._server_name(listener)  # (known before the listeners close: requests served as the worker stops)
         front.watch(self.PIPE[0], self.drain_pipe)
         reading = self._reading = LoopReading(front, self.wake)
         self.wsgi.tunnel_loop = reading.adopt  # the tunnels accepted from now on are read in this loop
@@ -532,12 +540,6 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             del self._parked[relay.origin]
         return True
 
-    def _server_name(self, listener: Any) -> Any:
-        name = self._server_names.get(id(listener))
-        if name is None:
-            name = self._server_names[id(listener)] = listener.getsockname()
-        return name
-
     def retry(self, relay: Relay) -> None:
         """A relayed request needs a thread after all (a tunnel to wait for, another tunnel to try)."""
         relay.client.owner = None
@@ -650,6 +652,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         front = self._front
         assert front is not None
         front.set_accepting(False)
+        self.wsgi.hand_over()  # new requests go to the workers that stay (or come), with the tunnels
         for listener in self.sockets:
             try:
                 listener.close()
@@ -658,6 +661,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         started = time.monotonic()
         deadline = started + self.cfg.graceful_timeout
         websockets_at = started + going_away_delay(self.cfg.graceful_timeout)
+        front.poll(0)  # requests that arrived already are served (and told the connection closes), not cut
         while front.close_waiting():
             if websockets_at is not None and time.monotonic() >= websockets_at:
                 websockets_at = None

@@ -176,6 +176,62 @@ def test_a_new_stream_on_a_dead_connection_is_refused_as_never_sent():
     assert info.value.request_sent is False
 
 
+def test_leave_announces_goaway_and_the_streams_in_flight_still_finish_both_ways():
+    """The client's GOAWAY(NO_ERROR) from leave(): the server keeps it as a notice (stock h2 would close its
+    state and refuse to send the response), answers the request in flight and the one the client had
+    taken in, and the connection stays open until the client closes it."""
+    release = threading.Event()
+    noticed: List[bytes] = []
+
+    def on_request(stream: Stream) -> None:
+        def respond() -> None:
+            release.wait(10)
+            stream.send_response([(b":status", b"200")], b"late", end_stream=True)
+            stream.close()
+
+        threading.Thread(target=respond, daemon=True).start()
+
+    client_sock, server_sock = tcp_pair()
+    server = Connection(server_sock, client_side=False, on_request=on_request, name="server",
+                        on_goaway_notice=lambda connection: noticed.append(connection.goaway_notice))
+    client = Connection(client_sock, client_side=True, name="client")
+    server.start()
+    client.start()
+    try:
+        assert client.wait_ready(5)
+        in_flight = client.open_stream(REQUEST, end_stream=True)
+        wait_until(lambda: server.active_streams == 1, what="the server to see the stream")
+        client.leave("going: connect again")
+        wait_until(lambda: noticed, what="the server to see the notice")
+        assert noticed == [b"going: connect again"]
+        assert server.alive
+        assert server.goaway_received is None  # (a notice, not an end)
+        taken_in = client.open_stream(REQUEST, end_stream=True)  # a request it had already taken in
+        release.set()
+        for stream in (in_flight, taken_in):
+            assert stream.wait_headers(5) == [(b":status", b"200")]
+            assert stream.read(-1, 5) == b"late"
+        assert client.alive
+        assert server.alive
+    finally:
+        client.close()
+        server.close()
+    assert server.wait_closed(5)
+
+
+def test_a_goaway_with_an_error_still_ends_the_connection_on_the_server():
+    """Only NO_ERROR is a notice: a GOAWAY that reports an error ends the server's connection as before."""
+    client, server = connection_pair(lambda stream: None)
+    try:
+        client.close("failing", error_code=2)  # INTERNAL_ERROR
+        assert server.wait_closed(5)
+        assert server.goaway_received is not None
+        assert server.goaway_received[0] == 2
+        assert server.goaway_notice is None
+    finally:
+        server.close()
+
+
 def test_drain_refuses_new_streams_and_lets_open_ones_finish():
     release = threading.Event()
 

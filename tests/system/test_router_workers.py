@@ -10,6 +10,8 @@ import threading
 from typing import Dict, List, Set
 from urllib.parse import urlsplit
 
+import pytest
+
 from tests.conftest import wait_until
 
 
@@ -138,3 +140,155 @@ def test_workers_are_not_bound_to_a_cpu_by_default(router_process):
     for pid in pids:
         assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
     assert router.count_lines("bound to CPU") == 0
+
+
+# -- reloads and dead workers: the tunnels are handed over, no request is lost ---------------------------
+
+
+class Load(threading.Thread):
+    """Keep-alive clients sending ``GET /foo`` until stopped (at most ``limit`` requests each, 60 s).
+
+    As urllib3 and browsers do, a request that finds its kept-alive connection closed before any byte of
+    an answer (the server closed it as it stopped) is sent again once on a new connection; those are
+    counted in ``resent``. Anything else that is not ``(200, b"bar")`` is an ``outcome`` that fails.
+    """
+
+    def __init__(self, url: str, clients: int, limit: int = 5000) -> None:
+        super().__init__(daemon=True)
+        self.url, self.clients, self.limit = url, clients, limit
+        self.stopping = threading.Event()
+        self.outcomes: List[object] = []
+        self.resent = 0
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+
+    def _client(self) -> None:
+        parts = urlsplit(self.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=15)
+        deadline = threading.Event()
+        timer = threading.Timer(60, deadline.set)
+        timer.start()
+        try:
+            for _ in range(self.limit):
+                if self.stopping.is_set() or deadline.is_set():
+                    return
+                reused = conn.sock is not None
+                try:
+                    outcome = self._get(conn)
+                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                    conn.close()
+                    if not reused:
+                        outcome = repr(exc)
+                    else:
+                        with self._lock:
+                            self.resent += 1
+                        try:
+                            outcome = self._get(conn)
+                        except (OSError, http.client.HTTPException) as again:
+                            outcome = repr(again)
+                except (OSError, http.client.HTTPException) as exc:
+                    conn.close()
+                    outcome = repr(exc)
+                with self._lock:
+                    self.outcomes.append(outcome)
+        finally:
+            timer.cancel()
+            conn.close()
+
+    @staticmethod
+    def _get(conn: http.client.HTTPConnection) -> object:
+        conn.request("GET", "/foo")
+        response = conn.getresponse()
+        return (response.status, response.read())
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.outcomes)
+
+    def failures(self) -> List[object]:
+        with self._lock:
+            return [outcome for outcome in self.outcomes if outcome != (200, b"bar")]
+
+
+def slow_request(url: str, results: List[object]) -> threading.Thread:
+    """``GET /sleep?s=3`` on a thread of its own; its outcome goes to ``results``."""
+    parts = urlsplit(url)
+
+    def run() -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        try:
+            conn.request("GET", "/sleep?s=3")
+            response = conn.getresponse()
+            results.append((response.status, response.read()))
+        except (OSError, http.client.HTTPException) as exc:
+            results.append(repr(exc))
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_under_load_with_a_long_request_in_flight_loses_no_request(router_process, backend_process, workers):
+    """``kill -HUP`` twice under 8-way load, a 3-second request in flight: every request is answered 200.
+
+    The old workers ask the backends to move their tunnels (GOAWAY, NO_ERROR) and finish what is in flight
+    on them; the new workers wait for those tunnels instead of answering 503, and take clients at once.
+    """
+    router = router_process("--workers", str(workers))
+    backend = backend_process("tests.apps:multi", router.tunnel_address, "--tunnels", str(workers))
+    router.wait_tunnels(workers)
+    load = Load(router.url, clients=8)
+    load.start()
+    slow: List[object] = []
+    try:
+        for reload in (1, 2):
+            before = load.count()
+            waiting = slow_request(router.url, slow)
+            wait_until(lambda r=reload: backend.count_lines("sleeping in") >= r, 10, what="the slow request to start")
+            router.signal(signal.SIGHUP)
+            wait_until(lambda r=reload: router.count_lines("Booting worker") >= workers * (r + 1), 15,
+                       what=lambda: f"the new workers:\n{router.output()}")
+            wait_until(lambda r=reload: sum(tunnel_owners(router).values()) == workers
+                       and router.count_lines("Tunnel added") >= workers * (r + 1), 15,
+                       what=lambda: f"the tunnels in the new workers:\n{router.output()}")
+            wait_until(lambda b=before: load.count() >= b + 200, 30, what="requests served after the reload")
+            waiting.join(30)
+    finally:
+        load.stopping.set()
+        load.join(90)
+    assert load.failures() == [], (load.failures()[:5], router.output())
+    assert slow == [(200, b"done")] * 2
+    assert load.count() >= 400
+    assert backend.count_lines(r"Tunnel to .* lost") == 0
+    assert backend.count_lines("the router asked for a new one") >= 2 * workers
+    assert "Traceback" not in router.output()
+    print(f"\n{workers} worker(s): {load.count()} requests through 2 reloads, {load.resent} sent again on a new "
+          f"connection after a kept-alive one closed")
+
+
+def test_a_request_after_the_only_worker_was_killed_waits_for_its_replacement_not_a_503(router_process,
+                                                                                       backend_process):
+    """SIGKILL to the one worker holding the one tunnel: the next request waits for the new worker and the
+    backend's new tunnel (at most a few seconds) instead of getting 503."""
+    router = router_process()
+    backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    worker = max(tunnel_owners(router))
+    os.kill(worker, signal.SIGKILL)
+    parts = urlsplit(router.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=15)
+    try:
+        conn.request("GET", "/foo")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"bar")
+    finally:
+        conn.close()
