@@ -236,15 +236,26 @@ def slow_request(url: str, results: List[object]) -> threading.Thread:
     return thread
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_reload_under_load_with_a_long_request_in_flight_loses_no_request(router_process, backend_process, workers):
+@pytest.mark.parametrize(("workers", "tls"), [(1, False), (2, False), (1, True)])
+def test_a_reload_under_load_with_a_long_request_in_flight_loses_no_request(router_process, backend_process, workers,
+                                                                            tls, tmp_path):
     """``kill -HUP`` twice under 8-way load, a 3-second request in flight: every request is answered 200.
 
     The old workers ask the backends to move their tunnels (GOAWAY, NO_ERROR) and finish what is in flight
     on them; the new workers wait for those tunnels instead of answering 503, and take clients at once.
+    TLS tunnels (read and written by threads of their own, not the worker's loop) are handed over alike.
     """
-    router = router_process("--workers", str(workers))
-    backend = backend_process("tests.apps:multi", router.tunnel_address, "--tunnels", str(workers))
+    tls_router: List[str] = []
+    tls_backend: List[str] = []
+    if tls:
+        trustme = pytest.importorskip("trustme")
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "router.pem"))
+        tls_router = ["--certfile", str(tmp_path / "router.pem")]
+        tls_backend = ["--cafile", str(tmp_path / "ca.pem")]
+    router = router_process("--workers", str(workers), *tls_router)
+    backend = backend_process("tests.apps:multi", router.tunnel_address, "--tunnels", str(workers), *tls_backend)
     router.wait_tunnels(workers)
     load = Load(router.url, clients=8)
     load.start()
@@ -271,8 +282,9 @@ def test_a_reload_under_load_with_a_long_request_in_flight_loses_no_request(rout
     assert backend.count_lines(r"Tunnel to .* lost") == 0
     assert backend.count_lines("the router asked for a new one") >= 2 * workers
     assert "Traceback" not in router.output()
-    print(f"\n{workers} worker(s): {load.count()} requests through 2 reloads, {load.resent} sent again on a new "
-          f"connection after a kept-alive one closed")
+    kind = ", TLS tunnels" if tls else ""
+    print(f"\n{workers} worker(s){kind}: {load.count()} requests through 2 reloads, {load.resent} sent again on a "
+          f"new connection after a kept-alive one closed")
 
 
 def test_a_request_after_the_only_worker_was_killed_waits_for_its_replacement_not_a_503(router_process,
