@@ -265,7 +265,7 @@ class Router:
 
     def tunnel_wait_now(self) -> float:
         """How long a request may wait for a tunnel to appear: ``tunnel_wait``, or longer while tunnels that
-        another worker handed over (or lost as it died) are expected back (see fleet.py)."""
+        another worker handed over are expected here (see fleet.py)."""
         if self.fleet is None or self._handed_over:  # (a worker that stops waits for none: they go elsewhere)
             return self.tunnel_wait
         return max(self.tunnel_wait, self.fleet.handover_left())

@@ -10,8 +10,8 @@ The counts sit in shared memory made before gunicorn forks its workers.
 A worker that stops (a reload, ``max_requests``) hands its tunnels over: it
 leaves the counts at once, and the workers that stay, or the fresh ones,
 expect the backends' tunnels within :data:`HANDOVER_WAIT` seconds; a request
-that finds no tunnel meanwhile waits for one instead of getting a ``503``. So
-does a request after a worker died holding tunnels (its backends dial again).
+that finds no tunnel meanwhile waits for one instead of getting a ``503`` (the
+tunnels are live all along, in the worker that is stopping).
 """
 
 from __future__ import annotations
@@ -64,21 +64,20 @@ class WorkerFleet:
             if self.slot is not None:
                 self._leaving[self.slot] = 1
             if handing_over:
-                self._expect_tunnels()
+                self._handover_until.value = max(self._handover_until.value, time.monotonic() + HANDOVER_WAIT)
 
     def retire(self, pid: int) -> None:
-        """(The master.) Worker ``pid`` exited: free its slot; if it died holding tunnels, expect them back."""
+        """(The master.) Worker ``pid`` exited: free its slot.
+
+        (One that died holding tunnels took them with it: until their backends
+        dial again there is no live tunnel, and ``--tunnel-wait`` applies.)
+        """
         with self._lock:
             for index, slot_pid in enumerate(self._pids):
                 if slot_pid == pid:
-                    if self._counts[index] > 0 and not self._leaving[index]:
-                        self._expect_tunnels()
                     self._pids[index] = 0
                     self._counts[index] = 0
                     self._leaving[index] = 0
-
-    def _expect_tunnels(self) -> None:
-        self._handover_until.value = max(self._handover_until.value, time.monotonic() + HANDOVER_WAIT)
 
     def handover_left(self) -> float:
         """Seconds a request with no tunnel should still wait for handed-over tunnels (0: none are expected)."""

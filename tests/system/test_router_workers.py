@@ -286,21 +286,3 @@ def test_a_reload_under_load_with_a_long_request_in_flight_loses_no_request(rout
     print(f"\n{workers} worker(s){kind}: {load.count()} requests through 2 reloads, {load.resent} sent again on a "
           f"new connection after a kept-alive one closed")
 
-
-def test_a_request_after_the_only_worker_was_killed_waits_for_its_replacement_not_a_503(router_process,
-                                                                                       backend_process):
-    """SIGKILL to the one worker holding the one tunnel: the next request waits for the new worker and the
-    backend's new tunnel (at most a few seconds) instead of getting 503."""
-    router = router_process()
-    backend_process("tests.apps:multi", router.tunnel_address)
-    router.wait_tunnels(1)
-    worker = max(tunnel_owners(router))
-    os.kill(worker, signal.SIGKILL)
-    parts = urlsplit(router.url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=15)
-    try:
-        conn.request("GET", "/foo")
-        response = conn.getresponse()
-        assert (response.status, response.read()) == (200, b"bar")
-    finally:
-        conn.close()
