@@ -40,6 +40,8 @@ log = logging.getLogger("ptth_sync.backend")
 _LOOPBACK_PAIR = {"127.0.0.1", "::1"}
 #: Why a dialler's tunnel ended when the router asked for a new one (it connects again at once).
 _MOVED = "the router asked for a new tunnel"
+#: A tunnel the router asks to replace sooner than this after it was dialled is replaced with backoff (seconds).
+_MOVES_APART = 1.0
 
 #: Concurrent streams a plain-wire tunnel advertises at least (as Go's http2.Server does).
 PLAIN_WIRE_STREAMS = 250
@@ -360,8 +362,10 @@ class Backend:
     def _dial_forever(self, route: _Route) -> None:
         """Keep one tunnel to ``route`` up until the backend stops or the route is retired."""
         attempt = 0  # failures since the last established tunnel
+        moves = 0  # requests for a new tunnel that came soon after the last (see below)
         name = route.name
         while not self._stopping.is_set() and not route.retired.is_set():
+            dialled_at = time.monotonic()
             try:
                 sock, initial_data = self._dial(route)
             except HandshakeRefused as exc:
@@ -384,7 +388,15 @@ class Backend:
                 return
             if reason is _MOVED:
                 attempt = 0
-                continue  # at once: the router waits for this tunnel in another of its processes
+                # At once: the router waits for this tunnel in another of its processes. A router that asks
+                # again and again within moments is not let make this loop spin (each old tunnel lingers).
+                moves = moves + 1 if time.monotonic() - dialled_at < _MOVES_APART else 0
+                if moves:
+                    delay = self._backoff(moves - 1)
+                    log.warning("Tunnel to %s: the router asked for a new tunnel %d time(s) within %gs; "
+                                "connecting again in %.1fs", name, moves + 1, _MOVES_APART, delay)
+                    self._stopping.wait(delay)
+                continue
             if established:
                 attempt = 0  # it served: the next failure starts the backoff again
             delay, attempt = self._backoff(attempt), attempt + 1

@@ -920,3 +920,41 @@ def test_fuzzed_frame_sequences_never_hang_or_crash_the_connection(role):
     check()
     assert outcomes
     wait_threads(baseline)
+
+
+# -- a router that asks for new tunnels again and again ---------------------------------------------------
+
+
+def test_a_router_that_asks_for_a_new_tunnel_again_and_again_gets_them_with_backoff(caplog):
+    """GOAWAY(NO_ERROR) from the router asks the backend for a new tunnel (the router's worker stops). A
+    router that asks on every tunnel at once does not make the backend dial in a loop: past the first, the
+    requests that come within a second of the dial are followed with backoff, and every thread ends."""
+    caplog.set_level(logging.INFO, logger="ptth_sync")
+    baseline = threading.active_count()
+    listener = listen()
+    backend = Backend([listener.getsockname()], apps.hello).start()
+    peers: List[H2Peer] = []
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and len(peers) < 500:
+            try:
+                sock = accept(listener, max(deadline - time.monotonic(), 0.01))
+            except TimeoutError:
+                break
+            peer = H2Peer(sock)
+            peers.append(peer)
+            peer.client_handshake()
+            goaway = GoAwayFrame(0)
+            goaway.error_code = ErrorCodes.NO_ERROR
+            goaway.additional_data = b"router worker stopping: connect again"
+            peer.send(goaway)
+        # Without backoff: hundreds of tunnels in 3 s; with it (0.1 s doubling, jittered): a handful.
+        assert 3 <= len(peers) <= 15, len(peers)
+        assert any("asked for a new tunnel" in record.getMessage() and "connecting again in" in record.getMessage()
+                   for record in caplog.records)
+    finally:
+        backend.close()
+        for peer in peers:
+            peer.close()
+        listener.close()
+    wait_threads(baseline)
