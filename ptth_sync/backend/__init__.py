@@ -362,7 +362,6 @@ class Backend:
     def _dial_forever(self, route: _Route) -> None:
         """Keep one tunnel to ``route`` up until the backend stops or the route is retired."""
         attempt = 0  # failures since the last established tunnel
-        moves = 0  # requests for a new tunnel that came soon after the last (see below)
         name = route.name
         while not self._stopping.is_set() and not route.retired.is_set():
             dialled_at = time.monotonic()
@@ -387,15 +386,15 @@ class Backend:
             if self._stopping.is_set() or route.retired.is_set():
                 return
             if reason is _MOVED:
-                attempt = 0
                 # At once: the router waits for this tunnel in another of its processes. A router that asks
-                # again and again within moments is not let make this loop spin (each old tunnel lingers).
-                moves = moves + 1 if time.monotonic() - dialled_at < _MOVES_APART else 0
-                if moves:
-                    delay = self._backoff(moves - 1)
-                    log.warning("Tunnel to %s: the router asked for a new tunnel %d time(s) within %gs; "
-                                "connecting again in %.1fs", name, moves + 1, _MOVES_APART, delay)
-                    self._stopping.wait(delay)
+                # within moments of the dial is followed with backoff, not in a loop (each old tunnel lingers).
+                if time.monotonic() - dialled_at >= _MOVES_APART:
+                    attempt = 0
+                    continue
+                delay, attempt = self._backoff(attempt), attempt + 1
+                log.warning("Tunnel to %s: the router asked for a new tunnel within %gs of the dial; connecting "
+                            "again in %.1fs", name, _MOVES_APART, delay)
+                self._stopping.wait(delay)
                 continue
             if established:
                 attempt = 0  # it served: the next failure starts the backoff again

@@ -927,8 +927,8 @@ def test_fuzzed_frame_sequences_never_hang_or_crash_the_connection(role):
 
 def test_a_router_that_asks_for_a_new_tunnel_again_and_again_gets_them_with_backoff(caplog):
     """GOAWAY(NO_ERROR) from the router asks the backend for a new tunnel (the router's worker stops). A
-    router that asks on every tunnel at once does not make the backend dial in a loop: past the first, the
-    requests that come within a second of the dial are followed with backoff, and every thread ends."""
+    router that asks on every tunnel at once does not make the backend dial in a loop: a request that comes
+    within a second of the dial is followed with backoff, and every thread ends."""
     caplog.set_level(logging.INFO, logger="ptth_sync")
     baseline = threading.active_count()
     listener = listen()
