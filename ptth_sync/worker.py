@@ -70,6 +70,7 @@ from .cli import MAX_BACKOFF_DEFAULT, MIN_BACKOFF_MAX, check_backoff_max, check_
 from .engine import Stream
 from .gunicorn_base import SettingsSnapshot, ThreadedWorker
 from .origins import normalize_origin
+from .siblings import HANDOVER_WAIT, Siblings
 from .tls import TLSConfigError, client_context
 
 __all__ = [
@@ -89,6 +90,8 @@ HEALTH_CONNECTIONS = 8
 HEALTH_TIMEOUT = 5.0
 #: Seconds past graceful_timeout a stopping worker waits for its tunnels to close.
 STOP_MARGIN = 2.0
+#: The workers of this master (made in the master by TunnelWorker.check_config, before the first fork).
+_siblings: Optional[Siblings] = None
 
 
 def tunnel_options(environ: Mapping[str, str]) -> Tuple[List[Address], int]:
@@ -231,6 +234,9 @@ class TunnelWorker(ThreadedWorker):
         except ValueError as exc:
             # gunicorn prints a RuntimeError as one "Error: ..." line and exits 1.
             raise RuntimeError(str(exc)) from None
+        global _siblings  # (made once, before the first fork: every worker shares it)
+        if _siblings is None:
+            _siblings = Siblings()
         log.info(
             "Each worker keeps %d tunnel(s) to %s%s and serves %d request(s) at once",
             tunnels, ", ".join(format_address(a) for a in addresses),
@@ -265,6 +271,8 @@ class TunnelWorker(ThreadedWorker):
             self.log.error("%s", exc)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
         self._route_library_logs()
+        if _siblings is not None:
+            _siblings.join(self.age)
         super().init_process()  # last: it loads the app and calls run()
 
     def _route_library_logs(self) -> None:
@@ -288,6 +296,8 @@ class TunnelWorker(ThreadedWorker):
         for listener in self.sockets:
             listener.setblocking(False)
         self.backend.start()
+        if _siblings is not None:
+            threading.Thread(target=self._tell_siblings_when_connected, name="ptth-connected", daemon=True).start()
         watched = [*self.sockets, self.PIPE[0]]
         while self.alive:
             # The heartbeat does not depend on the tunnels: an idle or
@@ -310,12 +320,43 @@ class TunnelWorker(ThreadedWorker):
         # self.timeout is half of --timeout (the arbiter passes it so); 0 disables it.
         return min(1.0, self.timeout) if self.timeout else 1.0
 
+    def _tell_siblings_when_connected(self) -> None:
+        backend = self.backend
+        assert backend is not None
+        assert _siblings is not None
+        while self.alive:
+            if backend.wait_connected(1, timeout=1.0):
+                _siblings.connected()
+                return
+
+    def _wait_for_a_younger_worker(self) -> None:
+        """(SIGHUP: gunicorn started new workers before it stopped this one.) Keep serving until one of them
+        has a tunnel, for at most :data:`~ptth_sync.siblings.HANDOVER_WAIT` seconds (see siblings.py)."""
+        if _siblings is None:
+            return
+        deadline = time.monotonic() + HANDOVER_WAIT
+        waited = False
+        while time.monotonic() < deadline:
+            if _siblings.younger_connected(self.age) is not False:
+                break  # one has a tunnel, or there is none (the whole master stops)
+            if not waited:
+                self.log.info("Serving until a new worker has a tunnel (at most %gs)", HANDOVER_WAIT)
+                waited = True
+            self.notify()
+            select.select([self.PIPE[0]], [], [], 0.05)
+        if waited:
+            self.log.info("Draining: %s", "a new worker has a tunnel" if _siblings.younger_connected(self.age)
+                          else f"no new worker had a tunnel within {HANDOVER_WAIT:g}s")
+
     def _stop_gracefully(self) -> None:
         """Drain every tunnel (no new streams, in-flight ones finish) for at most ``graceful_timeout``.
 
-        The drain runs on a daemon thread so the main thread keeps the
-        heartbeat going and SIGQUIT still ends the process at once.
+        After a reload, first keep serving until a new worker has a tunnel
+        (:meth:`_wait_for_a_younger_worker`). The drain runs on a daemon
+        thread so the main thread keeps the heartbeat going and SIGQUIT still
+        ends the process at once.
         """
+        self._wait_for_a_younger_worker()
         for listener in self.sockets:
             listener.close()
         backend = self.backend

@@ -21,6 +21,8 @@ import os
 import time
 from typing import Optional
 
+from ..siblings import process_alive
+
 __all__ = ["HANDOVER_WAIT", "WorkerFleet"]
 
 #: How long, after a worker let its tunnels go, a request with no tunnel waits for them to come back (seconds):
@@ -48,7 +50,7 @@ class WorkerFleet:
         """Claim a slot for this (worker) process: a free one, or one of a worker that died."""
         with self._lock:
             for index, pid in enumerate(self._pids):
-                if pid == 0 or not _alive(pid):
+                if pid == 0 or not process_alive(pid):
                     self._pids[index] = os.getpid()
                     self._counts[index] = 0
                     self._leaving[index] = 0
@@ -96,7 +98,7 @@ class WorkerFleet:
 
     def _live_counts(self) -> list:
         return [count for pid, count, leaving in zip(self._pids, self._counts, self._leaving)
-                if pid and not leaving and _alive(pid)]
+                if pid and not leaving and process_alive(pid)]
 
     def total(self) -> int:
         """Tunnels held by all live workers."""
@@ -109,12 +111,3 @@ class WorkerFleet:
         mine = self._counts[self.slot]
         return all(mine <= count for count in self._live_counts())
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # Defensive: someone else's process reuses the pid
-        return False
-    return True

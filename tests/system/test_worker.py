@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 import pytest
 
 from tests.conftest import PYTHON, ROOT, Process, wait_until
+from tests.system.test_router_workers import Load
 
 DJANGO_DIR = ROOT / "examples" / "django_app"
 EXAMPLE_CONFIG = ROOT / "examples" / "gunicorn.conf.py"
@@ -241,6 +242,37 @@ def test_sighup_starts_new_workers_and_drains_the_old_without_a_failed_request(r
     failed = [result for result in results if result[0] != 200]
     assert not failed, failed
     assert len(workers_of(server)) == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_under_load_loses_no_request_with_the_routers_default_tunnel_wait(router_process, processes, tmp_path,
+                                                                               workers):
+    """Each old worker keeps serving until a new one has a tunnel, then drains: with ``--tunnel-wait 0`` no
+    request gets a 503 through two reloads under 8-way load. When the whole master stops, nothing waits."""
+    router = router_process()
+    server = start_gunicorn(processes, router, tmp_path, "--workers", str(workers), "--threads", "4")
+    wait_tunnels(router, server, workers)
+    load = Load(router.url, clients=8)
+    load.start()
+    try:
+        for _ in range(2):
+            before = load.count()
+            wait_until(lambda b=before: load.count() >= b + 100, 30, what="requests before the reload")
+            old = workers_of(server)
+            server.signal(signal.SIGHUP)
+            wait_until(lambda o=old: not workers_of(server) & o and len(workers_of(server)) == workers, 30,
+                       what=lambda: f"the old workers to exit:\n{server.output()}")
+        before = load.count()
+        wait_until(lambda b=before: load.count() >= b + 100, 30, what="requests after the reloads")
+    finally:
+        load.stopping.set()
+        load.join(90)
+    assert load.failures() == [], (load.failures()[:5], server.output())
+    assert server.count_lines("Draining: a new worker has a tunnel") >= 2
+    waits = server.count_lines("Serving until a new worker has a tunnel")
+    server.signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+    assert server.count_lines("Serving until a new worker has a tunnel") == waits
 
 
 # -- gunicorn's logs, hooks and settings -------------------------------------------------
