@@ -176,12 +176,8 @@ def test_a_new_stream_on_a_dead_connection_is_refused_as_never_sent():
     assert info.value.request_sent is False
 
 
-def test_leave_announces_goaway_and_the_streams_in_flight_still_finish_both_ways():
-    """The client's GOAWAY(NO_ERROR) from leave(): the server keeps it as a notice (stock h2 would close its
-    state and refuse to send the response), answers the request in flight and the one the client had
-    taken in, and the connection stays open until the client closes it."""
-    release = threading.Event()
-    noticed: List[bytes] = []
+def late_answers(release: threading.Event):
+    """An ``on_request`` that answers each request ``200 late`` once ``release`` is set (on a thread of its own)."""
 
     def on_request(stream: Stream) -> None:
         def respond() -> None:
@@ -190,6 +186,18 @@ def test_leave_announces_goaway_and_the_streams_in_flight_still_finish_both_ways
             stream.close()
 
         threading.Thread(target=respond, daemon=True).start()
+
+    return on_request
+
+
+def test_leave_announces_goaway_and_the_streams_in_flight_still_finish_both_ways():
+    """The client's GOAWAY(NO_ERROR) from leave(): the server keeps it as a notice (stock h2 would close its
+    state and refuse to send the response), answers the request in flight and the one the client had
+    taken in, and the connection stays open until the client closes it."""
+    release = threading.Event()
+    noticed: List[bytes] = []
+
+    on_request = late_answers(release)
 
     client_sock, server_sock = tcp_pair()
     server = Connection(server_sock, client_side=False, on_request=on_request, name="server",
@@ -235,13 +243,7 @@ def test_a_goaway_with_an_error_still_ends_the_connection_on_the_server():
 def test_drain_refuses_new_streams_and_lets_open_ones_finish():
     release = threading.Event()
 
-    def on_request(stream: Stream) -> None:
-        def respond() -> None:
-            release.wait(10)
-            stream.send_response([(b":status", b"200")], b"late", end_stream=True)
-            stream.close()
-
-        threading.Thread(target=respond, daemon=True).start()
+    on_request = late_answers(release)
 
     client, server = connection_pair(on_request)
     try:
