@@ -197,7 +197,8 @@ def test_slow_or_silent_admin_clients_cost_a_bounded_number_of_threads(router_pr
             return False
 
     wait_until(answered, what="a scrape once the silent clients left")
-    wait_until(lambda: thread_count(worker) == before, what="the admin threads to end")
+    # (At most: the thread that answered the first health check may still have been ending at `before`.)
+    wait_until(lambda: thread_count(worker) <= before, what="the admin threads to end")
     # One client that never finishes its request is cut at the deadline, not kept.
     with socket.create_connection((admin.host, admin.port), timeout=ADMIN_DEADLINE * 3) as sock:
         sock.sendall(b"GET /metr")
