@@ -224,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "application/json", body, send_body)
         elif path == "/healthz":
             live = len(self.server.collect()["tunnels"])
-            if live:
+            if live or self.server.expecting_tunnels():  # (a worker stopped: its tunnels are on their way)
                 self._send(200, "text/plain; charset=utf-8", b"ok\n", send_body)
             else:
                 self._send(503, "text/plain; charset=utf-8", b"no live tunnel\n", send_body)
@@ -251,11 +251,13 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, sock: socket.socket, collect: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(self, sock: socket.socket, collect: Callable[[], Mapping[str, Any]],
+                 expecting_tunnels: Callable[[], bool]) -> None:
         super().__init__(sock.getsockname()[:2], _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.collect = collect
+        self.expecting_tunnels = expecting_tunnels
         self._lock = threading.Lock()
         self._serving: Dict[socket.socket, float] = {}  # connection -> its deadline
         self._refused = 0
@@ -308,14 +310,17 @@ class _Server(ThreadingHTTPServer):
 class AdminServer:
     """Serve the admin endpoints on a listening socket, from a daemon thread.
 
-    ``collect`` returns the merged view (:func:`metrics.merge`) to present.
-    The socket may be shared with other processes (it is made non-blocking:
-    whichever process accepts a connection answers it).
+    ``collect`` returns the merged view (:func:`metrics.merge`) to present;
+    ``expecting_tunnels`` whether tunnels another worker handed over are
+    on their way (``/healthz`` is then ``200`` with none yet: requests wait
+    for them). The socket may be shared with other processes (it is made
+    non-blocking: whichever process accepts a connection answers it).
     """
 
-    def __init__(self, sock: socket.socket, collect: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(self, sock: socket.socket, collect: Callable[[], Mapping[str, Any]],
+                 expecting_tunnels: Callable[[], bool] = lambda: False) -> None:
         sock.setblocking(False)
-        self._server = _Server(sock, collect)
+        self._server = _Server(sock, collect, expecting_tunnels)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="ptth-admin", daemon=True)
 

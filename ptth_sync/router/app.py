@@ -270,6 +270,10 @@ class Router:
             return self.tunnel_wait
         return max(self.tunnel_wait, self.fleet.handover_left())
 
+    def _expecting_tunnels(self) -> bool:
+        """Tunnels a worker handed over are on their way to the others (see fleet.py)."""
+        return self.fleet is not None and self.fleet.handover_left() > 0
+
     def hand_over(self) -> int:
         """The worker stops: it takes no more tunnels, and asks each backend to dial its tunnel again (to
         the workers that stay, or the fresh ones of a reload); requests in flight finish on the tunnels
@@ -495,7 +499,7 @@ class Router:
         With :attr:`shared_metrics` set, the socket may be one all router
         processes serve: this one then also publishes its snapshot for them.
         """
-        server = AdminServer(sock, self.admin_view)
+        server = AdminServer(sock, self.admin_view, self._expecting_tunnels)
         with self._lock:
             closed = self._closed
             if not closed:

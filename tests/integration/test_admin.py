@@ -171,6 +171,26 @@ def test_healthz_answers_503_without_a_live_tunnel_and_200_with_one(router, admi
     assert (code, body, headers["Content-Length"]) == (200, b"", "3")
 
 
+def test_healthz_answers_200_without_a_tunnel_while_a_stopping_worker_hands_its_tunnels_over(router, admin,
+                                                                                             start_backend):
+    """A reload: the worker that stops asks its backends to dial again (fleet.py); until their tunnels arrive,
+    requests wait for them and /healthz stays 200, so that a load balancer does not take the router out."""
+    from ptth_sync.router.fleet import WorkerFleet
+
+    fleet = router.fleet = WorkerFleet(slots=4, spread=False)
+    assert fetch(admin, "/healthz")[0] == 503
+    fleet.leave(handing_over=True)  # (as another worker does when it hands its tunnels over)
+    code, _, body = fetch(admin, "/healthz")
+    assert (code, body) == (200, b"ok\n")
+    results: List[int] = []
+    client = threading.Thread(target=lambda: results.append(wsgi_request(router, "GET", "/foo").code))
+    client.start()  # with --tunnel-wait 0, it waits for the tunnels on their way
+    wait_until(lambda: metric(admin, "requests_waiting") == 1, what="a waiting request")
+    start_backend(apps.hello)
+    client.join(10)
+    assert results == [200]
+
+
 def test_unknown_paths_get_404_and_other_methods_405(admin):
     assert fetch(admin, "/")[0] == 404
     assert fetch(admin, "/metrics/extra")[0] == 404

@@ -7,12 +7,14 @@ import os
 import re
 import signal
 import threading
+import time
 from typing import Dict, List, Set
 from urllib.parse import urlsplit
 
 import pytest
 
 from tests.conftest import wait_until
+from tests.system.test_admin import Admin
 
 
 def tunnel_owners(router) -> Dict[int, int]:
@@ -216,6 +218,22 @@ class Load(threading.Thread):
             return [outcome for outcome in self.outcomes if outcome != (200, b"bar")]
 
 
+class HealthChecks(threading.Thread):
+    """``GET /healthz`` on the admin listener in a loop until stopped (at most 60 s): the codes seen."""
+
+    def __init__(self, admin: Admin) -> None:
+        super().__init__(daemon=True)
+        self.admin = admin
+        self.stopping = threading.Event()
+        self.codes: Dict[int, int] = {}
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            code = self.admin.fetch("/healthz")[0]
+            self.codes[code] = self.codes.get(code, 0) + 1
+
+
 def slow_request(url: str, results: List[object]) -> threading.Thread:
     """``GET /sleep?s=3`` on a thread of its own; its outcome goes to ``results``."""
     parts = urlsplit(url)
@@ -254,11 +272,13 @@ def test_a_reload_under_load_with_a_long_request_in_flight_loses_no_request(rout
         ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "router.pem"))
         tls_router = ["--certfile", str(tmp_path / "router.pem")]
         tls_backend = ["--cafile", str(tmp_path / "ca.pem")]
-    router = router_process("--workers", str(workers), *tls_router)
+    router = router_process("--workers", str(workers), "--admin", "127.0.0.1:0", *tls_router)
     backend = backend_process("tests.apps:multi", router.tunnel_address, "--tunnels", str(workers), *tls_backend)
     router.wait_tunnels(workers)
     load = Load(router.url, clients=8)
     load.start()
+    health = HealthChecks(Admin(router))  # as a load balancer would: the router stays healthy throughout
+    health.start()
     slow: List[object] = []
     try:
         for reload in (1, 2):
@@ -275,8 +295,11 @@ def test_a_reload_under_load_with_a_long_request_in_flight_loses_no_request(rout
             waiting.join(30)
     finally:
         load.stopping.set()
+        health.stopping.set()
         load.join(90)
+        health.join(30)
     assert load.failures() == [], (load.failures()[:5], router.output())
+    assert set(health.codes) == {200}, health.codes
     assert slow == [(200, b"done")] * 2
     assert load.count() >= 400
     assert backend.count_lines(r"Tunnel to .* lost") == 0
