@@ -36,7 +36,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from . import metrics
 
-__all__ = ["ADMIN_CONNECTIONS", "ADMIN_DEADLINE", "PUBLISH_INTERVAL", "AdminServer", "SharedMetrics", "is_loopback"]
+__all__ = [
+    "ADMIN_CLOSE_WAIT", "ADMIN_CONNECTIONS", "ADMIN_DEADLINE", "PUBLISH_INTERVAL", "AdminServer", "SharedMetrics",
+    "is_loopback",
+]
 
 log = logging.getLogger("ptth_sync.router")
 
@@ -46,6 +49,8 @@ PUBLISH_INTERVAL = 1.0
 ADMIN_CONNECTIONS = 16
 #: Seconds an admin connection may last, from its accept to its answer (Prometheus' scrape_timeout is 10 s).
 ADMIN_DEADLINE = 10.0
+#: How long a worker that stops waits for the admin requests it accepted to be answered (seconds).
+ADMIN_CLOSE_WAIT = 1.0
 #: Seconds between two lines about refused admin connections.
 _REFUSAL_LOG_INTERVAL = 10.0
 
@@ -259,6 +264,7 @@ class _Server(ThreadingHTTPServer):
         self.collect = collect
         self.expecting_tunnels = expecting_tunnels
         self._lock = threading.Lock()
+        self._served = threading.Condition(self._lock)  # notified as each connection's thread ends
         self._serving: Dict[socket.socket, float] = {}  # connection -> its deadline
         self._refused = 0
         self._refusals_logged_at = 0.0
@@ -281,6 +287,17 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self._lock:
                 self._serving.pop(request, None)
+                self._served.notify_all()
+
+    def wait_served(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the connections being served to be answered."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._serving:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._served.wait(remaining)
 
     def service_actions(self) -> None:
         """(The serving thread, every poll interval.) Cut the connections past their deadline."""
@@ -328,8 +345,14 @@ class AdminServer:
         self._thread.start()
         return self
 
-    def close(self) -> None:
-        """Stop serving and close this process's handle on the socket (other processes keep theirs)."""
+    def stop_accepting(self) -> None:
+        """Take no more connections (the other processes take them); those accepted are still answered."""
         if self._thread.is_alive():
             self._server.shutdown()
+
+    def close(self) -> None:
+        """Stop serving, answer the connections accepted already (a second at most: a load balancer's check
+        is not cut), and close this process's handle on the socket (other processes keep theirs)."""
+        self.stop_accepting()
+        self._server.wait_served(ADMIN_CLOSE_WAIT)
         self._server.server_close()

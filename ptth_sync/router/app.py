@@ -284,8 +284,11 @@ class Router:
             self._handed_over = True
             connections = [connection for connection in self._connections.values() if connection.alive]
             wake = self._wake
+            admin_servers = list(self._admin_servers)
         if wake is not None:
             os.write(wake[1], b"x")  # the tunnel acceptor ends (close() joins it)
+        for server in admin_servers:  # the admin listener is left to the other workers too
+            server.stop_accepting()
         if self.fleet is not None:
             self.fleet.leave(handing_over=bool(connections))
         for connection in connections:

@@ -219,19 +219,23 @@ class Load(threading.Thread):
 
 
 class HealthChecks(threading.Thread):
-    """``GET /healthz`` on the admin listener in a loop until stopped (at most 60 s): the codes seen."""
+    """``GET /healthz`` on the admin listener in a loop until stopped (at most 60 s): the codes seen, and the
+    failures (a connection closed unanswered, say) by their repr."""
 
     def __init__(self, admin: Admin) -> None:
         super().__init__(daemon=True)
         self.admin = admin
         self.stopping = threading.Event()
-        self.codes: Dict[int, int] = {}
+        self.codes: Dict[object, int] = {}
 
     def run(self) -> None:
         deadline = time.monotonic() + 60
         while not self.stopping.is_set() and time.monotonic() < deadline:
-            code = self.admin.fetch("/healthz")[0]
-            self.codes[code] = self.codes.get(code, 0) + 1
+            try:
+                outcome: object = self.admin.fetch("/healthz")[0]
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = repr(exc)
+            self.codes[outcome] = self.codes.get(outcome, 0) + 1
 
 
 def slow_request(url: str, results: List[object]) -> threading.Thread:
