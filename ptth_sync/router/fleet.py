@@ -7,7 +7,7 @@ any other (the others leave it a moment to, with ``--workers`` above 1), and a
 worker with no tunnel takes no public connection while another worker has one.
 The counts sit in shared memory made before gunicorn forks its workers.
 
-A worker that stops (a reload, ``max_requests``) hands its tunnels over: it
+A worker that stops (a reload, SIGTERM to it) hands its tunnels over: it
 leaves the counts at once, and the workers that stay, or the fresh ones,
 expect the backends' tunnels within :data:`HANDOVER_WAIT` seconds; a request
 that finds no tunnel meanwhile waits for one instead of getting a ``503`` (the
