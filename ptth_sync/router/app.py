@@ -97,6 +97,10 @@ class TunnelBroken(PTTHError):
     """The tunnel failed after the response started: the client connection must be aborted."""
 
 
+#: What a stopping worker tells each backend as it asks for a new tunnel (GOAWAY debug data).
+_LEAVING = "router worker stopping: connect again"
+
+
 class Router:
     """A WSGI application that forwards every request to a tunnel.
 
@@ -292,7 +296,7 @@ class Router:
         if self.fleet is not None:
             self.fleet.leave(handing_over=bool(connections))
         for connection in connections:
-            connection.leave("router worker stopping: connect again")
+            connection.leave(_LEAVING)
         if connections:
             log.info("Handing %d tunnel(s) over: their backends connect again; requests in flight finish here",
                      len(connections))
@@ -457,7 +461,7 @@ class Router:
             origin = self._origins.pop(id(connection), ANY)
             handed_over = self._handed_over
         if handed_over:  # (it opened as the worker began to stop: it goes to the next one too)
-            connection.leave("router worker stopping: connect again")
+            connection.leave(_LEAVING)
         self.metrics.tunnel_added(connection, origin)
         self.pool.add(connection, origin)
         log.info("Tunnel added: %s", connection.name)
