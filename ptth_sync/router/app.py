@@ -811,7 +811,7 @@ class Router:
             body.finish()
             self.metrics.request_done(code, started, body.sent, 0, tunnel)
             return []
-        return _ResponseBody(stream, body, self.timeout, self.metrics, code, started, tunnel)
+        return _ResponseBody(stream, body, self.timeout, self.metrics, code, started, tunnel, f"{method} {target}")
 
     def _gateway_timeout(
         self,
@@ -1049,8 +1049,10 @@ class _ResponseBody:
         code: int,
         started: Optional[float],
         tunnel: Connection,
+        request: str,
     ) -> None:
         self._stream = stream
+        self._request = request  # "GET /path", for the log
         self._body = body
         self._timeout = timeout
         self._metrics: Optional[RouterMetrics] = metrics
@@ -1066,9 +1068,10 @@ class _ResponseBody:
             try:
                 data = stream.read(-1, self._timeout)
             except (ConnectionClosed, StreamReset, StreamTimeout) as exc:
-                log.warning("stream %d broke after the response started: %s", stream.id, exc)
+                log.warning("Aborted response to %s: stream %d failed mid-response: %s", self._request, stream.id,
+                            exc)
                 self._broken = True
-                msg = f"tunnel failed mid-response: {exc}"
+                msg = f"stream {stream.id} failed mid-response: {exc}"
                 raise TunnelBroken(msg) from None
             if not data:
                 return

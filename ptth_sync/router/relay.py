@@ -242,6 +242,7 @@ class Relay(SocketWatcher):
             except Exception as exc:
                 log.warning("Aborted response to %s %s: stream %d failed mid-response: %s", self.req.method,
                             self.req.uri, stream.id, exc)
+                self._send_what_arrived()
                 self.abort(broken=True)
                 return
             if not pieces and not ended:
@@ -310,6 +311,20 @@ class Relay(SocketWatcher):
         elif self._uncredited and self.proxied is not None:
             credit, self._uncredited = self._uncredited, 0
             self.proxied.stream.acknowledge(credit)
+
+    def _send_what_arrived(self) -> None:
+        """Before a cut: what arrived of the response goes out if the client's socket takes it now.
+
+        The client then sees the response begin and break off, however the
+        backend's frames were batched (a reset read together with the headers
+        would otherwise leave it nothing at all). Never waits.
+        """
+        pending = self._pending + self.sink.take()
+        if pending:
+            try:
+                self.client.sock.sendmsg(pending[:_IOV_MAX], (), socket.MSG_DONTWAIT)
+            except OSError:
+                pass  # no room, or the client is gone: it sees the cut alone
 
     def _upload(self) -> None:
         """Pass the client's body on as far as the tunnel's window allows, without blocking."""

@@ -212,7 +212,8 @@ def proxy_websocket(router: Router, environ: Dict[str, Any], start_response: Sta
             stream.close()
             router.metrics.request_done(code, started, 0, 0, tunnel)
             return []
-        return _ResponseBody(stream, prepared.body, router.timeout, router.metrics, code, started, tunnel)
+        return _ResponseBody(stream, prepared.body, router.timeout, router.metrics, code, started, tunnel,
+                             f"GET {target}")
     start_response("101 Switching Protocols", [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),

@@ -255,9 +255,8 @@ class ClientConnectionLoop:
                 self._websocket_opened(environ[WEBSOCKET], client, req.unreader.take_buffered())
                 return False
             return not resp.should_close()
-        except TunnelBroken as exc:
-            # The response had started: cut the connection so the client sees it incomplete.
-            self.log.warning("Aborted response to %s %s: %s", req.method, req.uri, exc)
+        except TunnelBroken:
+            # The response had started (the router logged why): cut the connection so the client sees it incomplete.
             _shutdown(client)
             return False
         except OSError:

@@ -16,8 +16,12 @@ import socket
 from pathlib import Path
 from typing import Any, List, Tuple
 
+import pytest
+from hyperframe.frame import DataFrame, HeadersFrame, RstStreamFrame
+
 from tests.conftest import RouterProcess, wait_until
 from tests.system.test_slow_clients import status, timed_get, worker_pid
+from tests.system.test_tunnel_loop import hostile_tunnel
 
 
 class _Reader(io.BufferedReader):
@@ -175,6 +179,40 @@ def test_a_client_that_goes_away_mid_response_resets_only_its_stream(router_proc
     assert timed_get(router.url) < 1.0
     assert router.count_lines("Tunnel removed") == 0
     assert router.count_lines("Traceback") == 0
+
+
+@pytest.mark.parametrize(("framing", "body"), [
+    ((b"content-length", b"100"), b"short"),  # 95 bytes short
+    ((b"content-type", b"text/plain"), b"partial"),  # chunked to the client, with no last chunk
+])
+def test_a_response_that_breaks_off_reaches_the_client_as_far_as_it_came(router_process, framing, body):
+    # A backend's HEADERS, DATA and RST_STREAM read together (as when an app
+    # fails right after its first piece): the client sees the response begin,
+    # then the cut, as from gunicorn itself; never an empty reply.
+    router = router_process()
+    backend = hostile_tunnel(router, origin="broken.example")
+    router.wait_tunnels(1)
+    for round_ in range(3):
+        with socket.create_connection((router.http_host, router.http_port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: broken.example\r\n\r\n")
+            request = backend.read_until(lambda frame: isinstance(frame, HeadersFrame), timeout=5)
+            sid = request.stream_id
+            backend.send_raw(
+                backend.headers(sid, [(":status", "200"), framing]).serialize()
+                + DataFrame(sid, body).serialize()
+                + RstStreamFrame(sid, error_code=2).serialize()
+            )
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        head, _, rest = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n"), received
+        assert b"%s: %s" % framing in head.lower()
+        expected = body if framing[0] == b"content-length" else b"%x\r\n%s\r\n" % (len(body), body)
+        assert rest == expected  # and no more: the client can tell it broke off
+        wait_until(lambda cuts=round_ + 1: router.count_lines("failed mid-response") == cuts, 10,
+                   what="the cut to be logged")
+    assert router.count_lines("Tunnel removed") == 0
 
 
 def test_requests_beyond_the_tunnels_streams_wait_in_line_without_a_thread(router_process, backend_process):
