@@ -149,8 +149,10 @@ class ClientFront:
         may_accept: Callable[[], bool] = lambda: True,
         after_events: Callable[[], None] = lambda: None,
         busy_readable: Callable[[WaitingClient], None] = lambda client: None,
+        refuses_first_line: Callable[[bytes, Any], bool] = lambda head, peer: False,
     ) -> None:
         self._handoff = handoff
+        self._refuses_first_line = refuses_first_line
         self._busy_readable = busy_readable
         self._after_events = after_events
         self._may_accept = may_accept
@@ -456,7 +458,8 @@ class ClientFront:
                 return
             window = client.buffer[max(previous - 3, 0) :]
             if (len(client.buffer) >= client.need if client.need
-                    else head_complete(window) or len(client.buffer) > self.max_head):
+                    else head_complete(window) or len(client.buffer) > self.max_head
+                    or self._first_line_refused(client, previous, data)):
                 # Still registered: see release (a thread) and give_back (back from a relay).
                 self._waiting.pop(id(client), None)
                 client.busy = True
@@ -464,6 +467,11 @@ class ClientFront:
                 return
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 return
+
+    def _first_line_refused(self, client: WaitingClient, previous: int, data: bytes) -> bool:
+        """The head's first line has just come, and the parser refuses it already (see ``refuses_first_line``)."""
+        return (b"\n" in data and client.buffer.find(b"\n", 0, previous) < 0
+                and self._refuses_first_line(bytes(client.buffer), client.addr))
 
     def _handshake(self, client: WaitingClient) -> bool:
         """Move a TLS client's handshake on; True once it is done (the request may follow)."""

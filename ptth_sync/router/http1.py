@@ -23,7 +23,8 @@ from gunicorn.http.message import Request
 from gunicorn.http.parser import RequestParser
 from gunicorn.http.wsgi import Response
 
-__all__ = ["RouterRequest", "RouterResponse", "http_date", "refuses_bare_line_feeds", "request_parser"]
+__all__ = ["RouterRequest", "RouterResponse", "http_date", "refuses_bare_line_feeds", "refuses_request_line",
+           "request_parser"]
 
 #: Peer addresses remembered at most (then forgotten all at once: a flood of addresses costs a parse each).
 _TRUST_LIMIT = 4096
@@ -87,6 +88,24 @@ def refuses_bare_line_feeds() -> bool:
     except Exception:  # NoMoreData: it wants more
         return False
     return False
+
+
+def refuses_request_line(cfg: Any, head: bytes, peer: Any) -> bool:
+    """Whether gunicorn's parser refuses ``head`` (a request head begun) on its first line already.
+
+    Such a request is answered 400 at once, as gunicorn reading the socket
+    itself does, rather than after the whole head (that cannot mend it) or
+    ``--header-timeout``.
+    """
+    parser = request_parser(cfg, _NoMoreBytes, peer)
+    parser.unreader.unread(head)
+    try:
+        next(parser)
+    except ParseException:
+        return True
+    except Exception:  # NoMoreData: the line is fine so far
+        return False
+    return True  # (a whole head, parsed: it goes on at once too)
 
 
 def request_parser(cfg: Any, source: Any, peer: Any) -> Any:

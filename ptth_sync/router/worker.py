@@ -46,7 +46,7 @@ from ..websocket import going_away_delay
 from .app import SMALL_BODY, TUNNELS_FULL, Proxied, TunnelBroken
 from .checks import CLOSE_CONNECTION
 from .front import ClientFront, WaitingClient, head_complete
-from .http1 import RouterResponse, request_parser
+from .http1 import RouterResponse, refuses_request_line, request_parser
 from .limits import descriptor_budget
 from .relay import Relay, ResponseSink
 from .tunnel_reading import LoopReading
@@ -363,6 +363,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             max_head=self.cfg.limit_request_line + self.cfg.limit_request_fields * self.cfg.limit_request_field_size,
             ssl_context=context,
             may_accept=self.wsgi.takes_clients,
+            refuses_first_line=lambda head, peer: refuses_request_line(self.cfg, head, peer),
             after_events=self._after_events,
             busy_readable=self._busy_readable,
         )

@@ -188,6 +188,44 @@ def test_heads_ending_in_bare_line_feeds_are_answered_as_gunicorn_would_and_hold
     assert_no_tunnel_lost(router, backend)
 
 
+#: Request lines gunicorn refuses as soon as it has them, whatever follows.
+BAD_REQUEST_LINES = [b"GET /\r\n", b"GET / HTTP/3.0\r\n", b"G@T / HTTP/1.1\r\n", b"GET foo HTTP/1.1\r\n",
+                     b"PRI * HTTP/2.0\r\n"]
+
+
+def test_a_request_line_gunicorn_refuses_is_answered_at_once_not_after_the_header_timeout(tunnel):
+    """``GET /`` and a newline (an HTTP/0.9 client, a typo in ``nc``): gunicorn answers 400 at once; so does the router.
+
+    The rest of the head cannot mend such a line: waiting for it would leave
+    the client with nothing until ``--header-timeout`` (10 s here).
+    """
+    router, backend = tunnel
+    for line in BAD_REQUEST_LINES:
+        assert _gunicorn_refuses_at_once(line), line
+        with socket.create_connection((router.http_host, router.http_port), timeout=5) as sock:
+            sock.sendall(line)  # and nothing more, the connection open
+            assert sock.recv(4096).startswith(b"HTTP/1.1 400 Bad Request\r\n"), line
+    # Good lines: the rest of the head may follow, in pieces. (An empty line before the request
+    # line: gunicorn 27 skips it, 26.2 refuses it at once; the router does as its gunicorn does.)
+    good = [line for line in (b"GET /foo HTTP/1.1\r\n", b"\r\nGET /foo HTTP/1.1\r\n")
+            if not _gunicorn_refuses_at_once(line)]
+    for line in good:
+        with socket.create_connection((router.http_host, router.http_port), timeout=5) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for piece in (line, b"Host: x\r\n", b"Connection: close\r\n\r\n"):
+                sock.sendall(piece)
+                time.sleep(0.05)  # pieces, not one segment (not a synchronisation: any delay will do)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200 OK\r\n"), received
+            assert received.endswith(b"bar"), received
+    wait_until(lambda: router.count_lines("Invalid request from ip=") == len(BAD_REQUEST_LINES), 10,
+               what="each bad line to be logged once")
+    assert router.count_lines("request head not received") == 0
+    assert_no_tunnel_lost(router, backend)
+
+
 def test_an_absolute_form_target_names_the_host(tunnel):
     """RFC 9112 §3.2.2: the authority in an absolute-form target replaces Host."""
     router, _ = tunnel
