@@ -551,6 +551,8 @@ class ClientFront:
                 self._handoff(client)  # pipelined: here already
             else:
                 self._wait(client)
+                if isinstance(client.sock, ssl.SSLSocket) and client.sock.pending() and client.watched:
+                    self._on_readable(client)  # bytes OpenSSL holds already: the selector would not say so
 
     def _sweep(self, now: float) -> None:
         """Close the connections whose head or keep-alive time is up."""

@@ -21,8 +21,13 @@ What the threaded path guarded, and how it is kept here:
   504; one that stops mid-response aborts the client's connection;
 - a response that ends badly is never passed off as complete: the client
   connection is cut;
-- everything else (bodies that stream, TLS clients, waiting for a tunnel,
-  retries) goes to a thread as before.
+- everything else (chunked bodies, waiting for a tunnel, retries) goes to a
+  thread as before.
+
+A TLS client's socket is read and written here too, never by two threads at
+once (OpenSSL's connection objects are not thread-safe): every read and write
+of a relayed request holds its lock, and the front reads the socket again only
+once the relay gave it back.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import errno
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 from datetime import datetime
@@ -53,6 +59,38 @@ log = logging.getLogger("ptth_sync.router")
 
 #: Buffers handed to one ``sendmsg`` at most (the kernel's IOV_MAX is 1024).
 _IOV_MAX = 512
+#: Bytes joined for one TLS write at most (a TLS socket has no ``sendmsg``).
+_TLS_WRITE = 256 * 1024
+#: What a socket that cannot take or give bytes now raises (a TLS one: either way, as OpenSSL needs).
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
+
+
+def send_without_blocking(sock: Any, pending: List[Any]) -> int:
+    """Send from the front of ``pending`` what ``sock`` takes now: the count sent; raises what would block.
+
+    A TLS socket gets the first buffers joined, up to ``_TLS_WRITE`` bytes.
+    OpenSSL asks that a write it could not finish be tried again with the
+    same bytes: ``pending`` only grows at its end until some are sent, so the
+    next try starts with them again.
+    """
+    if not isinstance(sock, ssl.SSLSocket):
+        return sock.sendmsg(pending[:_IOV_MAX], (), socket.MSG_DONTWAIT)  # type: ignore[no-any-return]
+    size = 0
+    count = 0
+    for piece in pending:
+        size += len(piece)
+        count += 1
+        if size >= _TLS_WRITE:
+            break
+    data = pending[0] if count == 1 else b"".join(pending[:count])
+    return sock.send(data)  # (non-blocking: the front's sockets are)
+
+
+def recv_without_blocking(sock: Any, size: int) -> bytes:
+    """Up to ``size`` bytes from ``sock`` now; b"" at its end; raises what would block."""
+    if isinstance(sock, ssl.SSLSocket):
+        return sock.recv(size)  # type: ignore[no-any-return]
+    return sock.recv(size, socket.MSG_DONTWAIT)  # type: ignore[no-any-return]
 
 
 class ResponseSink:
@@ -295,8 +333,8 @@ class Relay(SocketWatcher):
         sock = self.client.sock
         while pending:
             try:
-                sent = sock.sendmsg(pending[:_IOV_MAX], (), socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
+                sent = send_without_blocking(sock, pending)
+            except _WOULD_BLOCK:
                 self.host.want_events(self)
                 return
             except OSError as exc:
@@ -322,7 +360,7 @@ class Relay(SocketWatcher):
         pending = self._pending + self.sink.take()
         if pending:
             try:
-                self.client.sock.sendmsg(pending[:_IOV_MAX], (), socket.MSG_DONTWAIT)
+                send_without_blocking(self.client.sock, pending)
             except OSError:
                 pass  # no room, or the client is gone: it sees the cut alone
 
@@ -351,9 +389,9 @@ class Relay(SocketWatcher):
                 self._upload_blocked = True
                 return
             try:
-                data = sock.recv(min(window, self._upload_left, UPLOAD_CHUNK), socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
+                data = recv_without_blocking(sock, min(window, self._upload_left, UPLOAD_CHUNK))
+            except _WOULD_BLOCK:
+                return  # (a TLS socket read until it would block holds nothing back from the selector)
             except OSError:
                 data = b""
             if not data:

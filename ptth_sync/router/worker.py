@@ -408,7 +408,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
 
     def _relay(self, client: WaitingClient) -> bool:
         """Serve the request in ``client.buffer`` without a thread if it is simple; False if it needs one."""
-        if isinstance(client.sock, ssl.SSLSocket) or not self.alive:
+        if not self.alive:
             return False
         parser = request_parser(self.cfg, _NO_MORE_BYTES, client.addr)
         parser.unreader.unread(bytes(client.buffer))
@@ -426,6 +426,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             # take again: it waits in the front until it is all here, as the head did.
             assert self._front is not None
             if req._expected_100_continue:  # the client waits for this before it sends the body
+                if isinstance(client.sock, ssl.SSLSocket):
+                    return False  # (a TLS write that would block must be tried again: a thread's job)
                 try:
                     client.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n", socket.MSG_DONTWAIT)
                 except OSError:

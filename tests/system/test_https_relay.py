@@ -1,0 +1,123 @@
+"""HTTPS clients are relayed without a thread, as plain HTTP ones are (ptth_sync/router/relay.py).
+
+A real router process with ``--http-certfile`` and a real backend; the
+clients are TLS sockets driven by hand, so that keep-alive, pipelining, a
+body that ends in the same TLS record as the next request, and clients that
+stop reading or sending are exercised exactly as sent. The router worker's
+thread count shows that none of them needed a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+from typing import Iterator, List
+
+import pytest
+
+from tests.conftest import RouterProcess, wait_until
+from tests.system.test_relay import read_responses
+from tests.system.test_security import certs  # noqa: F401  (the module's certificates fixture)
+from tests.system.test_slow_clients import status, worker_pid
+
+#: HTTPS clients that stop reading, and ones that stop sending their body.
+STALLED = 100
+
+
+def https_router(router_process, backend_process, certs, *options: str) -> RouterProcess:  # noqa: F811
+    router = router_process("--http-certfile", certs["server"], "--http-keyfile", certs["server"], *options)
+    backend_process("tests.apps:multi", router.tunnel_address, "--threads", "256")
+    router.wait_tunnels(1)
+    return router
+
+
+def tls_connect(router: RouterProcess, certs, timeout: float = 10.0) -> ssl.SSLSocket:  # noqa: F811
+    context = ssl.create_default_context(cafile=certs["ca"])
+    sock = socket.create_connection((router.http_host, router.http_port), timeout=timeout)
+    return context.wrap_socket(sock, server_hostname="localhost")
+
+
+def https_get(router: RouterProcess, certs) -> bytes:  # noqa: F811
+    with tls_connect(router, certs) as sock:
+        sock.sendall(b"GET /foo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+@pytest.fixture
+def stalled_sockets() -> Iterator[List[ssl.SSLSocket]]:
+    socks: List[ssl.SSLSocket] = []
+    yield socks
+    for sock in socks:
+        sock.close()
+
+
+def test_pipelined_https_requests_are_answered_in_order_without_a_thread(router_process, backend_process,
+                                                                         certs):  # noqa: F811
+    router = https_router(router_process, backend_process, certs)
+    worker = worker_pid(router.pid)
+    assert https_get(router, certs).endswith(b"bar")
+    threads = status(worker, "Threads")
+    body = bytes(range(256)) * 800  # 200 KiB: streamed to the backend, not sent with the head
+    with tls_connect(router, certs) as sock:
+        # The streamed body ends in the same TLS record as the next request: those bytes wait in
+        # OpenSSL's buffer, where the selector cannot see them, once the body is read.
+        sock.sendall(
+            b"GET /foo HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"HEAD /download?mib=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+            b"GET /download?mib=3 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n" % (len(body), body)
+        )
+        answers = read_responses(sock, ["GET", "HEAD", "POST", "POST", "GET", "GET"])  # type: ignore[arg-type]
+        for _ in range(100):  # and keep-alive, one at a time
+            sock.sendall(b"GET /foo HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_responses(sock, ["GET"])[0][2] == b"bar"  # type: ignore[arg-type]
+    assert [code for code, _, _ in answers] == [200] * 6
+    assert answers[0][2] == b"bar"
+    assert answers[1][1]["Content-Length"] == str(1024 * 1024)
+    assert answers[2][2] == b"hello"
+    assert answers[3][2] == body
+    assert hashlib.sha256(answers[4][2]).hexdigest() == hashlib.sha256(bytes(range(256)) * 1024 * 12).hexdigest()
+    assert answers[5][2].isdigit()
+    assert status(worker, "Threads") == threads
+    assert router.count_lines("Tunnel removed") == 0
+
+
+def test_https_clients_that_stop_reading_or_sending_cost_no_thread_and_are_closed_after_the_timeout(
+    router_process, backend_process, certs, stalled_sockets  # noqa: F811
+):
+    """100 HTTPS clients ask for 64 MiB and read nothing; 100 send 1 KiB of a 10 MB body and stop.
+
+    The router's thread count stays put (each was a thread until --timeout before), a normal
+    HTTPS GET is answered within a second, and after --timeout each stalled client is closed
+    with a line.
+    """
+    router = https_router(router_process, backend_process, certs, "--timeout", "3")
+    worker = worker_pid(router.pid)
+    assert https_get(router, certs).endswith(b"bar")
+    threads = status(worker, "Threads")
+    readers, uploaders = [], []
+    for _ in range(STALLED):
+        sock = tls_connect(router, certs, timeout=30)
+        sock.sendall(b"GET /download?mib=64 HTTP/1.1\r\nHost: x\r\n\r\n")
+        readers.append(sock)
+        sock = tls_connect(router, certs, timeout=30)
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1024)
+        uploaders.append(sock)
+    stalled_sockets += readers + uploaders
+    assert [sock.recv(17) for sock in readers] == [b"HTTP/1.1 200 OK\r\n"] * STALLED
+    assert https_get(router, certs).endswith(b"bar")
+    assert status(worker, "Threads") <= threads
+    wait_until(lambda: router.count_lines("no progress for 3s") >= 2 * STALLED, 60,
+               what=lambda: f"the stalled clients to be closed:\n{router.output()[-3000:]}")
+    assert router.count_lines("it stopped reading the response") == STALLED
+    assert router.count_lines("it stopped sending its body") == STALLED
+    assert https_get(router, certs).endswith(b"bar")
+    assert status(worker, "Threads") <= threads
+    assert router.count_lines("Tunnel removed") == 0
+    assert router.count_lines("Traceback") == 0
