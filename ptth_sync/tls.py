@@ -326,6 +326,7 @@ def server_context(
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION  # (TLS 1.2 peers: a renegotiation is a cheap DoS, CVE-2011-1473)
     load_chain(context, certfile, keyfile, options=options[:2])
     context.set_alpn_protocols(["h2"])
     if ca_certs:

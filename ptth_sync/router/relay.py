@@ -61,8 +61,11 @@ log = logging.getLogger("ptth_sync.router")
 _IOV_MAX = 512
 #: Bytes joined for one TLS write at most (a TLS socket has no ``sendmsg``).
 _TLS_WRITE = 256 * 1024
-#: What a socket that cannot take or give bytes now raises (a TLS one: either way, as OpenSSL needs).
+#: What a socket that cannot give bytes now raises (a TLS one: either way, as OpenSSL needs).
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
+#: What a socket that cannot take bytes now raises. (A TLS write that needs a read first would be a
+#: renegotiation, which the router's TLS context refuses: an SSLWantReadError there is an error.)
+_WRITE_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError)
 
 
 def send_without_blocking(sock: Any, pending: List[Any]) -> int:
@@ -334,7 +337,7 @@ class Relay(SocketWatcher):
         while pending:
             try:
                 sent = send_without_blocking(sock, pending)
-            except _WOULD_BLOCK:
+            except _WRITE_WOULD_BLOCK:
                 self.host.want_events(self)
                 return
             except OSError as exc:

@@ -354,6 +354,8 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
     def run(self) -> None:
         clients, _ = descriptor_budget()
         context = sock.ssl_context(self.cfg) if self.cfg.is_ssl else None
+        if context is not None:  # as nginx and HAProxy: a client may not renegotiate (a cheap DoS, CVE-2011-1473)
+            context.options |= ssl.OP_NO_RENEGOTIATION
         front = self._front = ClientFront(
             self._handoff,
             self.wake,

@@ -10,8 +10,13 @@ thread count shows that none of them needed a thread.
 from __future__ import annotations
 
 import hashlib
+import os
+import select
+import shutil
 import socket
 import ssl
+import subprocess
+import time
 from typing import Iterator, List
 
 import pytest
@@ -121,3 +126,45 @@ def test_https_clients_that_stop_reading_or_sending_cost_no_thread_and_are_close
     assert status(worker, "Threads") <= threads
     assert router.count_lines("Tunnel removed") == 0
     assert router.count_lines("Traceback") == 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
+def test_a_client_may_not_renegotiate(router_process, backend_process, certs):  # noqa: F811
+    """TLS 1.2 renegotiation, started by a client, is refused (as by nginx and HAProxy): a cheap DoS.
+
+    OpenSSL 3 refuses it by default; the router's context says so itself for
+    a Python built with OpenSSL 1.1.1.
+    """
+    router = https_router(router_process, backend_process, certs)
+    client = subprocess.Popen(
+        ["openssl", "s_client", "-connect", f"{router.http_host}:{router.http_port}", "-tls1_2",
+         "-CAfile", certs["ca"]],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        assert client.stdin is not None
+        assert client.stdout is not None
+        output = b""
+
+        def read_until(marker: bytes) -> None:
+            nonlocal output
+            deadline = time.monotonic() + 10
+            while marker not in output and time.monotonic() < deadline:
+                ready, _, _ = select.select([client.stdout], [], [], 0.5)
+                if ready:
+                    chunk = os.read(client.stdout.fileno(), 65536)
+                    if not chunk:
+                        break
+                    output += chunk
+            assert marker in output, output.decode(errors="replace")
+
+        client.stdin.write(b"GET /foo HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.stdin.flush()
+        read_until(b"bar")
+        client.stdin.write(b"R\n")  # s_client's command: renegotiate
+        client.stdin.flush()
+        read_until(b"no renegotiation")
+    finally:
+        client.kill()
+        client.wait(10)
+    assert https_get(router, certs).endswith(b"bar")
