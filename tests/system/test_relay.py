@@ -181,11 +181,15 @@ def test_a_client_that_goes_away_mid_response_resets_only_its_stream(router_proc
     assert router.count_lines("Traceback") == 0
 
 
+@pytest.mark.parametrize("request_", [
+    b"GET / HTTP/1.1\r\nHost: broken.example\r\n\r\n",  # relayed
+    b"POST / HTTP/1.1\r\nHost: broken.example\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # on a thread
+])
 @pytest.mark.parametrize(("framing", "body"), [
     ((b"content-length", b"100"), b"short"),  # 95 bytes short
     ((b"content-type", b"text/plain"), b"partial"),  # chunked to the client, with no last chunk
 ])
-def test_a_response_that_breaks_off_reaches_the_client_as_far_as_it_came(router_process, framing, body):
+def test_a_response_that_breaks_off_reaches_the_client_as_far_as_it_came(router_process, framing, body, request_):
     # A backend's HEADERS, DATA and RST_STREAM read together (as when an app
     # fails right after its first piece): the client sees the response begin,
     # then the cut, as from gunicorn itself; never an empty reply.
@@ -194,7 +198,7 @@ def test_a_response_that_breaks_off_reaches_the_client_as_far_as_it_came(router_
     router.wait_tunnels(1)
     for round_ in range(3):
         with socket.create_connection((router.http_host, router.http_port), timeout=10) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: broken.example\r\n\r\n")
+            sock.sendall(request_)
             request = backend.read_until(lambda frame: isinstance(frame, HeadersFrame), timeout=5)
             sid = request.stream_id
             backend.send_raw(
