@@ -597,9 +597,15 @@ def _refusal(connection: Connection, sock: Any, established: bool) -> Optional[H
     return wrong_answer_refusal(connection.first_bytes, tls=isinstance(sock, TLSChannel))
 
 
+#: OpenSSL's verify codes for a certificate that does not name what was dialled (host name, IP address).
+_NAME_MISMATCH = (62, 64)
+
+
 def _describe(exc: BaseException) -> str:
     """A failed dial, for the retry line: with the fix when the router's certificate is not trusted."""
     if getattr(exc, "reason", None) == "CERTIFICATE_VERIFY_FAILED":
+        if getattr(exc, "verify_code", None) in _NAME_MISMATCH:
+            return f"{exc} (dial a name the router's certificate holds: --connect NAME:PORT)"
         return f"{exc} (--cafile FILE trusts a private CA)"
     return str(exc)
 

@@ -64,6 +64,24 @@ def test_a_wrong_token_names_the_options_to_check(router_process, processes):
 # -- TLS ----------------------------------------------------------------------------------------
 
 
+def test_a_router_certificate_for_another_name_names_the_fix_and_is_redialled(router_process, processes,
+                                                                              tmp_path):
+    """The certificate is trusted but names only ``localhost``; the backend dials 127.0.0.1."""
+    import trustme
+
+    ca = trustme.CA()
+    server, ca_file = tmp_path / "server.pem", tmp_path / "ca.pem"
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(server)
+    ca.cert_pem.write_to_path(ca_file)
+    router = router_process("--certfile", str(server))
+    dialer = backend(processes, router.tunnel_address, "--cafile", str(ca_file))
+    dialer.wait_for_line(r"certificate is not valid for '127\.0\.0\.1'.*"
+                         r"\(dial a name the router's certificate holds: --connect NAME:PORT\); retrying")
+    served = backend(processes, f"localhost:{router.tunnel_port}", "--cafile", str(ca_file))
+    served.wait_for_line("Tunnel to localhost:")
+    assert dialer.proc.poll() is None  # still redialling: a certificate is often fixed on the router
+
+
 def test_mutual_tls_without_a_client_certificate_is_told_to_the_backend(router_process, processes, certs):  # noqa: F811
     router = router_process("--certfile", certs["server"], "--ca-certs", certs["ca"])
     refusal(backend(processes, router.tunnel_address, "--cafile", certs["ca"]),
