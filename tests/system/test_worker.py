@@ -203,8 +203,9 @@ def test_max_requests_with_jitter_recycles_workers_without_a_failed_request(rout
     failed = [result for result in results if result[0] != 200]
     assert not failed, failed
     served_by = {int(body) for _, body in results}
-    # 200 requests, at most 25 per worker: at least 8 workers served.
-    assert len(served_by) >= 8, served_by
+    # 200 requests, a restart after 20 to 25 each: 8 workers or more, but a worker that restarts
+    # serves on until its successor has a tunnel (a few requests more on a busy machine).
+    assert len(served_by) >= 6, served_by
     assert server.count_lines("Autorestarting worker after current request") >= 6
 
 
