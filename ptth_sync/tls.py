@@ -293,6 +293,56 @@ class TLSChannel:
                 self._unsent = []
             self._sock.sendall(b"".join(records))
 
+    def send_available(self, buffers: Sequence[Any]) -> int:
+        """Never blocks: encrypt ``buffers`` and send what the socket takes now; the plaintext bytes taken.
+
+        Takes all of ``buffers`` or none: none while records made before
+        are still waiting for room (so that what waits here stays one batch
+        at most; the caller keeps the rest, and its memory bounds). What the
+        socket did not take waits (:attr:`backlog`) and goes out first at the
+        next send. Raises BlockingIOError when another thread is sending.
+        """
+        if not self._send_lock.acquire(blocking=False):
+            raise BlockingIOError
+        try:
+            with self._lock:
+                backlog = self._unsent
+                self._unsent = []
+            if backlog and not self._send_raw(b"".join(backlog)):
+                return 0
+            taken = 0
+            with self._lock:
+                for buffer in buffers:
+                    if len(buffer):
+                        self._ssl.write(buffer)
+                        taken += len(buffer)
+                # (Records the reader made meanwhile go first: they were made first.)
+                records = b"".join([*self._unsent, self._outgoing.read()])
+                self._unsent = []
+            if records:
+                self._send_raw(records)
+            return taken
+        finally:
+            self._send_lock.release()
+
+    def _send_raw(self, records: bytes) -> bool:
+        """(Send lock held.) Send ``records`` without blocking; what the socket did not take goes back
+        ahead of the records made since. True when all went."""
+        try:
+            sent = self._sock.send(records, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(records):
+            return True
+        with self._lock:
+            self._unsent.insert(0, records[sent:])
+        return False
+
+    @property
+    def backlog(self) -> bool:
+        """Encrypted bytes wait for room in the socket (see :meth:`send_available`)."""
+        return bool(self._unsent)
+
     def shutdown(self, how: int) -> None:
         self._sock.shutdown(how)
 

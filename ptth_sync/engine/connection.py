@@ -162,7 +162,8 @@ class Connection(ReaderLoop):
 
         ``initial_data``: more bytes already read from the socket (after :meth:`prepare`).
         With ``read_in_thread`` False no reader thread starts: the caller's
-        own loop reads instead (:meth:`read_available`), for a plain socket.
+        own loop reads instead (:meth:`read_available`), for a plain socket or
+        a :class:`~ptth_sync.tls.TLSChannel`.
         With ``on_unsent`` no writer thread starts either: bytes the socket did
         not take at once wait for the caller's loop, which ``on_unsent()`` tells
         (from any thread) and which then calls :meth:`send_queued` once the
@@ -196,8 +197,8 @@ class Connection(ReaderLoop):
 
     @property
     def unsent(self) -> bool:
-        """Bytes are queued that the socket has not taken yet."""
-        return bool(self._outbox.buffers)
+        """Bytes are queued that the socket has not taken yet (or, over TLS, encrypted and waiting for room)."""
+        return self._outbox.unsent
 
     # -- reading from the caller's loop (started with read_in_thread=False) --
 

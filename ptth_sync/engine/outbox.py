@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, cast
 
 from ..sockets import IOV_MAX as _IOV_MAX
 from ..sockets import sendall_buffers, shutdown, unsent
@@ -54,6 +54,8 @@ class Outbox:
         self._take_output = take_output
         self._fail = fail
         self._can_send_nonblocking = isinstance(sock, socket.socket)
+        #: A TLS channel's own non-blocking send and its waiting records (see TLSChannel.send_available).
+        self._send_available: Optional[Callable[[List[Any]], int]] = getattr(sock, "send_available", None)
         self.write_lock = threading.Lock()
         self.writer_waiting = WaitQueue()
         self.buffers: List[Any] = []  # buffers (bytes, memoryviews) in wire order
@@ -74,6 +76,11 @@ class Outbox:
         if segments:
             self.buffers += segments
             self.queued_bytes += sum(map(len, segments))
+
+    @property
+    def unsent(self) -> bool:
+        """Bytes wait to go out: queued here, or encrypted and waiting for room in a TLS channel."""
+        return bool(self.buffers) or (self._send_available is not None and cast(Any, self.sock).backlog)
 
     def full(self) -> bool:
         """Past the high-water mark: a DATA sender should wait its turn to write."""
@@ -99,7 +106,7 @@ class Outbox:
         while True:
             with self._lock:
                 outbox = self.buffers
-                if not outbox or self.stopped:
+                if not self.unsent or self.stopped:
                     self.write_lock.release()
                     return
                 self.buffers = []
@@ -122,17 +129,21 @@ class Outbox:
         writer thread (or waits for the caller's loop: :attr:`on_unsent`), so
         the caller (the reader, a listener) never waits on a write.
         """
-        if not self.buffers:
+        send_available = self._send_available
+        if not self.buffers and not (send_available is not None and self.unsent):
             return  # (bytes queued later are sent by whoever queues them, or by the sender they find)
         left = False  # bytes left that no one is sending: tell the loop (no writer thread)
-        if self._can_send_nonblocking and self.write_lock.acquire(blocking=False):
+        if (self._can_send_nonblocking or send_available is not None) and self.write_lock.acquire(blocking=False):
             with self._lock:
                 outbox = self.buffers
                 self.buffers = []
                 size = sum(map(len, outbox))
                 self.attempted_bytes += size
             try:
-                sent = self.sock.sendmsg(outbox[:_IOV_MAX], (), socket.MSG_DONTWAIT)
+                if send_available is not None:  # a TLS channel: all or nothing, its records wait there
+                    sent = send_available(outbox)
+                else:
+                    sent = self.sock.sendmsg(outbox[:_IOV_MAX], (), socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
@@ -143,7 +154,7 @@ class Outbox:
                     self.attempted_bytes -= size - sent
                 # Released under the state lock, as in flush, so nothing is stranded.
                 self.write_lock.release()
-                left = bool(self.buffers) and not self.stopped
+                left = self.unsent and not self.stopped
                 waiters = self.writer_waiting.take() if left else []
         else:  # (another thread is sending: it sends these too, or leaves them as above)
             with self._lock:
@@ -163,7 +174,7 @@ class Outbox:
         """The writer thread: send whatever is queued until the connection fails."""
         while True:
             with self._lock:
-                while not self.buffers and not self.stopped:
+                while not self.unsent and not self.stopped:
                     self.writer_waiting.wait(self._lock, None)
                 if self.stopped:
                     return

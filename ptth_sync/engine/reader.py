@@ -125,19 +125,22 @@ class ReaderLoop(EventDispatch):
             sock = self.sock
             recv_size = self.settings.recv_size
             next_read = self._h2.incoming_buffer.next_read
+            # A TLS channel: decrypts a record at a time, and raises SSLWantReadError when no whole one
+            # is here; it is read until then, since what it holds already the selector does not see.
+            tls_receive = getattr(sock, "recv_if_ready", None)
             budget = _DRIVEN_BUDGET
             while budget > 0:
                 wanted = next_read(recv_size)
                 try:
-                    data = sock.recv(wanted, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
+                    data = sock.recv(wanted, socket.MSG_DONTWAIT) if tls_receive is None else tls_receive(wanted)
+                except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                     return None
                 except OSError as exc:
                     return self._read_failure(exc)
                 reason = self._take_in(data)
                 if reason is not None:
                     return reason
-                if len(data) < wanted:
+                if len(data) < wanted and tls_receive is None:
                     return None
                 budget -= len(data)
             return None

@@ -242,11 +242,12 @@ class Router:
         return connection
 
     def start_connection(self, connection: Connection, initial_data: bytes = b"") -> None:
-        """Start a tunnel's connection: in :attr:`tunnel_loop` if set (a plain socket), else with its threads."""
+        """Start a tunnel's connection: in :attr:`tunnel_loop` if set, else with its threads."""
         adopt = self.tunnel_loop
         sock = connection.sock
-        plain = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)  # (TLS: threads)
-        if adopt is None or not plain or not adopt(connection, initial_data):
+        loopable = isinstance(sock, TLSChannel) or (isinstance(sock, socket.socket)
+                                                    and not isinstance(sock, ssl.SSLSocket))
+        if adopt is None or not loopable or not adopt(connection, initial_data):
             connection.start(initial_data)
 
     def start_tunnel(

@@ -1,4 +1,4 @@
-"""A router worker's plain tunnels read and written by its front loop, with no thread of their own.
+"""A router worker's tunnels read and written by its front loop, with no thread of their own.
 
 A relayed request used to cross two threads of the worker: the front's loop
 sent it, the tunnel's reader thread received the response and wrote it to the
@@ -33,7 +33,13 @@ What the reader and writer threads guarded, and how it is kept:
   writer threads again (:meth:`LoopReading.stop`): requests still in flight
   are answered, and the router closes its tunnels as before.
 
-TLS tunnels keep their threads: a TLS record may arrive in parts.
+TLS tunnels are read and written here too, through their
+:class:`~ptth_sync.tls.TLSChannel` (OpenSSL on memory buffers, under its own
+lock): a record that arrives in parts waits in the channel until it is
+whole; bytes the channel decrypted already, which the selector cannot see,
+are read again at the loop's next turn; encrypted output the socket had no
+room for waits in the channel, one batch at most (the outbox keeps the rest,
+and its bounds), and goes out as the socket takes it.
 """
 
 from __future__ import annotations
@@ -97,6 +103,9 @@ class LoopReading:
         self._wake = wake
         self._lock = threading.Lock()
         self._adopted: List[_TunnelSocket] = []  # (under _lock) started, not yet watched by the loop
+        #: (Loop only.) TLS tunnels left with decrypted bytes or whole records (their read budget spent):
+        #: the selector cannot see those, so the loop reads them again at its next turn.
+        self._again: List[_TunnelSocket] = []
         self._stopped = False
         self._tunnels: Dict[int, _TunnelSocket] = {}  # (loop only) by id of the connection
         #: (Loop only.) The tunnels by when their timers are due next (or earlier: data that arrived
@@ -129,7 +138,13 @@ class LoopReading:
         self._front.want_events(watcher.connection.sock, watcher)
 
     def take_adopted(self) -> None:
-        """(Loop.) Watch the tunnels adopted since the last turn, and take in what they sent already."""
+        """(Loop.) Watch the tunnels adopted since the last turn, and take in what they sent already;
+        read again the TLS tunnels that hold bytes the selector cannot see."""
+        if self._again:
+            again, self._again = self._again, []
+            for watcher in again:
+                if self.has(watcher):
+                    self.readable(watcher)
         if not self._adopted:
             return
         with self._lock:
@@ -149,6 +164,10 @@ class LoopReading:
             if reason is not None:
                 self._end(watcher, reason)
                 return
+            pending = getattr(connection.sock, "pending", None)  # a TLS channel
+            if pending is not None and pending() and watcher not in self._again:
+                self._again.append(watcher)
+                self._wake()
             # What arrived may bring a timer forward (the peer's SETTINGS start the PINGs): most often it
             # only delays the next PING, which the entry in the heap finds out when it is due.
             due = connection.next_timer()

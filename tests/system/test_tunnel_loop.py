@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
 import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 from h2.settings import SettingCodes
@@ -24,6 +25,7 @@ from ptth_sync.handshake import dial_upgrade
 from ptth_sync.origins import normalize_origin
 from tests.conftest import RouterProcess, wait_until
 from tests.h2peer import H2Peer
+from tests.system.test_security import certs  # noqa: F401  (the module's certificates fixture)
 from tests.system.test_slow_clients import served_once, status, worker_pid
 
 GOOD = "good.example"
@@ -50,17 +52,23 @@ def timed_good_get(router: RouterProcess) -> float:
     return time.monotonic() - started
 
 
-def hostile_tunnel(router: RouterProcess, origin: str = EVIL, window: int = 0, rcvbuf: int = 0) -> H2Peer:
+def hostile_tunnel(router: RouterProcess, origin: str = EVIL, window: int = 0, rcvbuf: int = 0,
+                   ca: Optional[str] = None) -> H2Peer:
     """A fake backend: a PTTH upgrade for ``origin``, then HTTP/2 frames as the test writes them.
 
     ``window``: the flow-control window it grants, for each stream and the connection; ``rcvbuf``:
-    its socket's receive buffer (small: the router's side fills sooner).
+    its socket's receive buffer (small: the router's side fills sooner); ``ca``: dial over TLS,
+    trusting this CA file.
     """
     sock = socket.socket()
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.settimeout(5)
     sock.connect((router.tunnel_host, router.tunnel_port))
+    if ca is not None:
+        context = ssl.create_default_context(cafile=ca)
+        context.set_alpn_protocols(["h2"])
+        sock = context.wrap_socket(sock, server_hostname=router.tunnel_host)
     early = dial_upgrade(sock, router.tunnel_address, None, normalize_origin(f"http://{origin}"))
     peer = H2Peer(sock, initial=early)  # (the router's preface may come with its answer)
     peer.server_handshake({SettingCodes.INITIAL_WINDOW_SIZE: window} if window else None)
@@ -84,32 +92,49 @@ def threads(pid: int) -> int:
     return status(pid, "Threads")
 
 
+@pytest.fixture(params=["plain", "tls"])
+def tunnel_tls(request, certs) -> Dict[str, Optional[str]]:  # noqa: F811
+    """Plain tunnels, or TLS ones: the router's and the backends' options, and the CA a hostile peer trusts."""
+    if request.param == "plain":
+        return {"router": None, "ca": None}
+    return {"router": certs["server"], "ca": certs["ca"]}
+
+
+def tls_options(tunnel_tls: Dict[str, Optional[str]]) -> Dict[str, List[str]]:
+    server, ca = tunnel_tls["router"], tunnel_tls["ca"]
+    if server is None or ca is None:
+        return {"router": [], "backend": []}
+    return {"router": ["--certfile", server], "backend": ["--cafile", ca]}
+
+
 @pytest.fixture
-def two_origins(router_process, backend_process):
+def two_origins(router_process, backend_process, tunnel_tls):
     """A router whose good origin is served by a real backend; returns (router, worker pid)."""
-    router = router_process("--timeout", "3")
+    options = tls_options(tunnel_tls)
+    router = router_process("--timeout", "3", *options["router"])
     served_once(router)
-    backend_process("tests.apps:hello", router.tunnel_address, "--origin", f"http://{GOOD}")
+    backend_process("tests.apps:hello", router.tunnel_address, "--origin", f"http://{GOOD}", *options["backend"])
     router.wait_tunnels(1)
     assert timed_good_get(router) < 5
     return router, worker_pid(router.proc.pid)
 
 
-def test_a_plain_tunnel_costs_the_worker_no_thread(router_process, backend_process):
-    router = router_process()
+def test_a_tunnel_costs_the_worker_no_thread(router_process, backend_process, tunnel_tls):
+    options = tls_options(tunnel_tls)
+    router = router_process(*options["router"])
     served_once(router)
     worker = worker_pid(router.proc.pid)
     before = threads(worker)
-    backend_process("tests.apps:hello", router.tunnel_address, "--tunnels", "4")
+    backend_process("tests.apps:hello", router.tunnel_address, "--tunnels", "4", *options["backend"])
     router.wait_tunnels(4)
     for _ in range(8):
         assert get(router, host="any.example").status == 200
     assert threads(worker) == before, f"{threads(worker)} threads, {before} before 4 tunnels joined"
 
 
-def test_a_tunnel_that_floods_control_frames_is_cut_off_while_the_loop_serves(two_origins):
+def test_a_tunnel_that_floods_control_frames_is_cut_off_while_the_loop_serves(two_origins, tunnel_tls):
     router, _ = two_origins
-    peer = hostile_tunnel(router)
+    peer = hostile_tunnel(router, ca=tunnel_tls["ca"])
     name = peer.local_name
     router.wait_tunnels(2)
     flood = b"".join(PingFrame(0, i.to_bytes(8, "big")).serialize() for i in range(20_000))
@@ -124,11 +149,11 @@ def test_a_tunnel_that_floods_control_frames_is_cut_off_while_the_loop_serves(tw
     peer.close()
 
 
-def test_a_tunnel_that_stops_reading_never_stalls_the_loop(two_origins):
+def test_a_tunnel_that_stops_reading_never_stalls_the_loop(two_origins, tunnel_tls):
     """Requests with 60 KiB bodies to a peer that reads nothing fill the tunnel's socket: the tunnel's
     writer thread waits on it, the loop does not. Each of those requests ends at --timeout (504)."""
     router, worker = two_origins
-    peer = hostile_tunnel(router)  # (it never reads again)
+    peer = hostile_tunnel(router, ca=tunnel_tls["ca"])  # (it never reads again)
     router.wait_tunnels(2)
     before = threads(worker)
     body = b"x" * (60 * 1024)
@@ -157,12 +182,13 @@ def test_a_tunnel_that_stops_reading_never_stalls_the_loop(two_origins):
         peer.close()
 
 
-def test_a_silent_tunnel_is_pinged_and_dropped_by_the_loop(router_process, backend_process):
-    router = router_process("--ping-interval", "0.5", "--ping-timeout", "0.5")
+def test_a_silent_tunnel_is_pinged_and_dropped_by_the_loop(router_process, backend_process, tunnel_tls):
+    options = tls_options(tunnel_tls)
+    router = router_process("--ping-interval", "0.5", "--ping-timeout", "0.5", *options["router"])
     served_once(router)
-    backend_process("tests.apps:hello", router.tunnel_address, "--origin", f"http://{GOOD}")
+    backend_process("tests.apps:hello", router.tunnel_address, "--origin", f"http://{GOOD}", *options["backend"])
     router.wait_tunnels(1)
-    peer = hostile_tunnel(router)  # reads, but answers nothing
+    peer = hostile_tunnel(router, ca=tunnel_tls["ca"])  # reads, but answers nothing
     name = peer.local_name
     router.wait_tunnels(2)
     router.wait_for_line(rf"Tunnel removed: {name}: no answer to PING within 0.5s", timeout=10)
@@ -172,12 +198,12 @@ def test_a_silent_tunnel_is_pinged_and_dropped_by_the_loop(router_process, backe
     peer.close()
 
 
-def test_what_a_tunnel_had_no_room_for_is_sent_once_it_reads_again(two_origins):
+def test_what_a_tunnel_had_no_room_for_is_sent_once_it_reads_again(two_origins, tunnel_tls):
     """A 24 MiB upload to a tunnel that grants the window for all of it but reads nothing at first: the
     socket fills, and the rest waits in the worker's loop (no writer thread) until the socket has room."""
     router, _ = two_origins
     size = 24 * 1024 * 1024
-    peer = hostile_tunnel(router, window=32 * 1024 * 1024, rcvbuf=64 * 1024)  # (the kernel holds ~4 MiB)
+    peer = hostile_tunnel(router, window=32 * 1024 * 1024, rcvbuf=64 * 1024, ca=tunnel_tls["ca"])  # (~4 MiB held)
     router.wait_tunnels(2)
     sent: Dict[str, object] = {}
 
