@@ -4,13 +4,46 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import time
 from typing import Any, List, Sequence
 
-__all__ = ["IOV_MAX", "linger_close", "peer_name", "sendall_buffers", "shutdown", "unsent"]
+__all__ = ["IOV_MAX", "linger_close", "peer_name", "recv_without_blocking", "send_without_blocking",
+           "sendall_buffers", "shutdown", "unsent"]
 
 #: Buffers handed to one vectored write (Linux and the BSDs take up to 1024).
 IOV_MAX = 1024
+#: Bytes joined for one TLS write at most (an ssl.SSLSocket has no ``sendmsg``).
+_TLS_WRITE = 256 * 1024
+
+
+def send_without_blocking(sock: Any, pending: Sequence[Any]) -> int:
+    """Send from the front of ``pending`` what a non-blocking client socket takes now: the count sent.
+
+    Raises what would block (for an :class:`ssl.SSLSocket`, SSLWantWriteError
+    or SSLWantReadError). A TLS socket gets the first buffers joined, up to
+    256 KiB. OpenSSL asks that a write it could not finish be tried again
+    with the same bytes: callers keep ``pending`` as it was, only growing at
+    its end, until something is sent, so the next try starts with them again.
+    """
+    if not isinstance(sock, ssl.SSLSocket):
+        return sock.sendmsg(pending[:IOV_MAX], (), socket.MSG_DONTWAIT)  # type: ignore[no-any-return]
+    size = 0
+    count = 0
+    for piece in pending:
+        size += len(piece)
+        count += 1
+        if size >= _TLS_WRITE:
+            break
+    data = pending[0] if count == 1 else b"".join(pending[:count])
+    return sock.send(data)  # (non-blocking: the callers' sockets are)
+
+
+def recv_without_blocking(sock: Any, size: int) -> bytes:
+    """Up to ``size`` bytes from a non-blocking client socket now; b"" at its end; raises what would block."""
+    if isinstance(sock, ssl.SSLSocket):
+        return sock.recv(size)  # type: ignore[no-any-return]
+    return sock.recv(size, socket.MSG_DONTWAIT)  # type: ignore[no-any-return]
 
 
 def sendall_buffers(sock: Any, buffers: Sequence[Any]) -> None:

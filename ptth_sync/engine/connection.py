@@ -90,6 +90,8 @@ class Connection(ReaderLoop):
         initial_data: bytes = b"",
     ) -> None:
         self.sock = sock
+        #: A TLS channel's read that never waits for the network (see ReaderLoop._receive_available); None: a socket.
+        self._tls_receive: Optional[Callable[[int], bytes]] = getattr(sock, "recv_if_ready", None)
         self._initial_data = initial_data
         self.client_side = client_side
         self.settings = settings

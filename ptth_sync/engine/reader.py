@@ -127,7 +127,7 @@ class ReaderLoop(EventDispatch):
             next_read = self._h2.incoming_buffer.next_read
             # A TLS channel: decrypts a record at a time, and raises SSLWantReadError when no whole one
             # is here; it is read until then, since what it holds already the selector does not see.
-            tls_receive = getattr(sock, "recv_if_ready", None)
+            tls_receive = self._tls_receive
             budget = _DRIVEN_BUDGET
             while budget > 0:
                 wanted = next_read(recv_size)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import time
 from email.utils import formatdate
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from gunicorn.config import Config
 from gunicorn.http import get_parser
@@ -79,15 +79,7 @@ def refuses_bare_line_feeds() -> bool:
     socket itself. The router's selector hands such a head on only when the
     parser answers it at once: else it waits there, costing no thread.
     """
-    parser = RequestParser(Config(), _NoMoreBytes, ("127.0.0.1", 0))
-    parser.unreader.unread(b"GET / HTTP/1.1\nHost: x\n\n")
-    try:
-        next(parser)
-    except ParseException:
-        return True
-    except Exception:  # NoMoreData: it wants more
-        return False
-    return False
+    return _parse_now(RequestParser(Config(), _NoMoreBytes, ("127.0.0.1", 0)), b"GET / HTTP/1.1\nHost: x\n\n") is True
 
 
 def refuses_request_line(cfg: Any, head: bytes, peer: Any) -> bool:
@@ -95,17 +87,22 @@ def refuses_request_line(cfg: Any, head: bytes, peer: Any) -> bool:
 
     Such a request is answered 400 at once, as gunicorn reading the socket
     itself does, rather than after the whole head (that cannot mend it) or
-    ``--header-timeout``.
+    ``--header-timeout``. (A whole head, parsed, goes on at once too.)
     """
-    parser = request_parser(cfg, _NoMoreBytes, peer)
+    return _parse_now(request_parser(cfg, _NoMoreBytes, peer), head) is not False
+
+
+def _parse_now(parser: Any, head: bytes) -> Optional[bool]:
+    """Feed ``head``, and nothing more, to ``parser``: True when it refuses it, False when it wants more
+    bytes (NoMoreData), None when it parsed a request."""
     parser.unreader.unread(head)
     try:
         next(parser)
     except ParseException:
         return True
-    except Exception:  # NoMoreData: the line is fine so far
+    except Exception:  # NoMoreData
         return False
-    return True  # (a whole head, parsed: it goes on at once too)
+    return None
 
 
 def request_parser(cfg: Any, source: Any, peer: Any) -> Any:

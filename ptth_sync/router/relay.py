@@ -43,7 +43,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..errors import StreamTimeout
-from ..sockets import unsent
+from ..sockets import recv_without_blocking, send_without_blocking, unsent
 from .app import UPLOAD_CHUNK
 from .checks import CLOSE_CONNECTION
 from .front import SocketWatcher
@@ -57,43 +57,11 @@ __all__ = ["Relay", "ResponseSink"]
 
 log = logging.getLogger("ptth_sync.router")
 
-#: Buffers handed to one ``sendmsg`` at most (the kernel's IOV_MAX is 1024).
-_IOV_MAX = 512
-#: Bytes joined for one TLS write at most (a TLS socket has no ``sendmsg``).
-_TLS_WRITE = 256 * 1024
 #: What a socket that cannot give bytes now raises (a TLS one: either way, as OpenSSL needs).
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
 #: What a socket that cannot take bytes now raises. (A TLS write that needs a read first would be a
 #: renegotiation, which the router's TLS context refuses: an SSLWantReadError there is an error.)
 _WRITE_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError)
-
-
-def send_without_blocking(sock: Any, pending: List[Any]) -> int:
-    """Send from the front of ``pending`` what ``sock`` takes now: the count sent; raises what would block.
-
-    A TLS socket gets the first buffers joined, up to ``_TLS_WRITE`` bytes.
-    OpenSSL asks that a write it could not finish be tried again with the
-    same bytes: ``pending`` only grows at its end until some are sent, so the
-    next try starts with them again.
-    """
-    if not isinstance(sock, ssl.SSLSocket):
-        return sock.sendmsg(pending[:_IOV_MAX], (), socket.MSG_DONTWAIT)  # type: ignore[no-any-return]
-    size = 0
-    count = 0
-    for piece in pending:
-        size += len(piece)
-        count += 1
-        if size >= _TLS_WRITE:
-            break
-    data = pending[0] if count == 1 else b"".join(pending[:count])
-    return sock.send(data)  # (non-blocking: the front's sockets are)
-
-
-def recv_without_blocking(sock: Any, size: int) -> bytes:
-    """Up to ``size`` bytes from ``sock`` now; b"" at its end; raises what would block."""
-    if isinstance(sock, ssl.SSLSocket):
-        return sock.recv(size)  # type: ignore[no-any-return]
-    return sock.recv(size, socket.MSG_DONTWAIT)  # type: ignore[no-any-return]
 
 
 class ResponseSink:

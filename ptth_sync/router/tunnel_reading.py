@@ -69,10 +69,12 @@ _NO_TIMER_RECHECK = 1.0
 class _TunnelSocket(SocketWatcher):
     """One tunnel's socket in the front's selector: read always, written when bytes wait for room."""
 
-    __slots__ = ("_reading", "connection", "scheduled")
+    __slots__ = ("_reading", "connection", "pending", "scheduled")
 
     def __init__(self, reading: LoopReading, connection: Connection) -> None:
         self.connection = connection
+        #: A TLS channel's test for bytes it holds already (the selector cannot see them); None: a socket.
+        self.pending: Optional[Callable[[], bool]] = getattr(connection.sock, "pending", None)
         self._reading = reading
         #: When its entry in the loop's timer heap is due (older entries of it are stale).
         self.scheduled = float("inf")
@@ -164,7 +166,7 @@ class LoopReading:
             if reason is not None:
                 self._end(watcher, reason)
                 return
-            pending = getattr(connection.sock, "pending", None)  # a TLS channel
+            pending = watcher.pending
             if pending is not None and pending() and watcher not in self._again:
                 self._again.append(watcher)
                 self._wake()

@@ -58,7 +58,7 @@ from h2.errors import ErrorCodes
 from ..engine import Connection, Stream
 from ..errors import ConnectionClosed, StreamReset, StreamTimeout
 from ..headers import InvalidHeader, header_list_size, response_headers, response_status
-from ..sockets import IOV_MAX, unsent
+from ..sockets import recv_without_blocking, send_without_blocking, unsent
 from ..websocket import GOING_AWAY, FrameTracker, accept_value, close_frame, credit_batch, valid_key
 from .app import _error, _ResponseBody, _retryable
 from .checks import CLOSE_CONNECTION, Refusal
@@ -376,7 +376,7 @@ class WebSocketRelay(SocketWatcher):
         sock = self.sock
         while down:
             try:
-                sent = sock.send(down[0]) if self._tls else sock.sendmsg(down[:IOV_MAX], (), socket.MSG_DONTWAIT)
+                sent = send_without_blocking(sock, down)
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return
             except OSError as exc:
@@ -442,7 +442,7 @@ class WebSocketRelay(SocketWatcher):
     def _recv(self, size: int) -> Optional[bytes]:
         """Bytes from the client; b"" at its end; None when none are there now."""
         try:
-            data: bytes = self.sock.recv(size) if self._tls else self.sock.recv(size, socket.MSG_DONTWAIT)
+            data = recv_without_blocking(self.sock, size)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
         except OSError as exc:
