@@ -737,6 +737,17 @@ class Router:
         return self._reply_client_body_error(environ, start_response, prepared.method, prepared.target,
                                              proxied.started, prepared.body)
 
+    def client_body_too_large(
+        self, proxied: Proxied, environ: Dict[str, Any], start_response: StartResponse
+    ) -> List[bytes]:
+        """A :class:`Proxied` request's chunked body grew over ``max_body_size``: its stream is reset; the
+        answer is a 413, and the connection closes."""
+        proxied.stream.close()
+        proxied.done = True
+        environ[CLOSE_CONNECTION] = True
+        return self._reply_error(start_response, 413, *_too_large(self.max_body_size), proxied.started,
+                                 proxied.prepared.body)
+
     def body_cut_short(self, environ: Dict[str, Any], start_response: StartResponse, method: str, target: str,
                        received: int, length: int) -> List[bytes]:
         """A request's small body was cut short before it went to any tunnel: 400, and the connection closes."""
@@ -978,7 +989,7 @@ class _RequestBody:
             try:
                 data = self._read_exactly(self.length)
             except Exception as exc:  # the client's side failed (disconnect, bad framing)
-                self.failure = _body_failure(exc)
+                self.failure = body_failure(exc)
                 return None
             if len(data) < self.length:
                 self.failure = f"the client sent {len(data)} of the {self.length} bytes of its Content-Length"
@@ -1029,7 +1040,7 @@ class _RequestBody:
         except StreamTimeout:
             stream.reset(ErrorCodes.CANCEL)
         except Exception as exc:  # the client's side failed (disconnect, bad chunked encoding)
-            self.failure = _body_failure(exc)
+            self.failure = body_failure(exc)
             stream.reset(ErrorCodes.CANCEL)
 
     def finish(self, timeout: Optional[float] = None) -> None:
@@ -1087,7 +1098,7 @@ class _ResponseBody:
             metrics.request_done(self._code, self._started, self._body.sent, self._sent, self._tunnel, self._broken)
 
 
-def _body_failure(exc: Exception) -> str:
+def body_failure(exc: Exception) -> str:
     """Why reading a client's body failed, as a sentence."""
     if isinstance(exc, OSError):  # gunicorn's NoMoreData too: the client went away
         return f"the client's body ended early: {exc or type(exc).__name__}"

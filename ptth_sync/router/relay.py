@@ -21,8 +21,12 @@ What the threaded path guarded, and how it is kept here:
   504; one that stops mid-response aborts the client's connection;
 - a response that ends badly is never passed off as complete: the client
   connection is cut;
-- everything else (chunked bodies, waiting for a tunnel, retries) goes to a
-  thread as before.
+- a client that sends its body slowly costs a socket too: its body is read
+  only as the tunnel's window allows and as it arrives, a chunked one decoded
+  as it arrives (:class:`~ptth_sync.router.chunked.ChunkedBody`, with
+  gunicorn's own parsers), and a client that sends nothing for ``timeout``
+  seconds is closed (logged);
+- everything else (waiting for a tunnel, retries) goes to a thread as before.
 
 A TLS client's socket is read and written here too, never by two threads at
 once (OpenSSL's connection objects are not thread-safe): every read and write
@@ -44,8 +48,9 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..errors import StreamTimeout
 from ..sockets import recv_without_blocking, send_without_blocking, unsent
-from .app import UPLOAD_CHUNK
+from .app import UPLOAD_CHUNK, body_failure
 from .checks import CLOSE_CONNECTION
+from .chunked import ChunkedBody
 from .front import SocketWatcher
 
 if TYPE_CHECKING:
@@ -59,6 +64,8 @@ log = logging.getLogger("ptth_sync.router")
 
 #: What a socket that cannot give bytes now raises (a TLS one: either way, as OpenSSL needs).
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
+#: ``Relay._upload_left`` of a chunked body until its last chunk arrived.
+_UNTIL_LAST_CHUNK = 1 << 62
 #: What a socket that cannot take bytes now raises. (A TLS write that needs a read first would be a
 #: renegotiation, which the router's TLS context refuses: an SSLWantReadError there is an error.)
 _WRITE_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError)
@@ -129,10 +136,13 @@ class Relay(SocketWatcher):
         self._upload_left = 0  # body bytes still to read from the client
         self._body_out = b""  # body bytes read, waiting for flow-control window
         self._upload_blocked = False  # waiting for window: the client is not read meanwhile
+        self._end_unsent = False  # a chunked body ended: END_STREAM is still to go (with _body_out, if any)
+        self._chunks: Optional[ChunkedBody] = None  # a chunked body's decoder
         #: The request body: its length, how much arrived with the head, and whether it is streamed.
         self.body_length = 0
         self.body_buffered = 0
         self.streamed = False
+        self.chunked = False
         #: When the request fails for want of progress (see :meth:`check`).
         self.deadline = 0.0
         self._progressed()
@@ -162,6 +172,18 @@ class Relay(SocketWatcher):
         self._pending += self.sink.take()  # "100 Continue", if the client asked for it
         self._flush()
         if not self.done:
+            self._upload()
+
+    def start_chunked_upload(self, received: bytes) -> None:
+        """(Lock held.) Stream a chunked request body, of which ``received`` came with the head.
+
+        The caller then calls ``host.want_events(relay)``.
+        """
+        self._chunks = ChunkedBody(self.req)
+        self._upload_left = _UNTIL_LAST_CHUNK
+        self._pending += self.sink.take()  # "100 Continue", if the client asked for it
+        self._flush()
+        if not self.done and (not received or self._decode(received)):
             self._upload()
 
     def interest(self) -> int:
@@ -342,7 +364,7 @@ class Relay(SocketWatcher):
         body = self.proxied.prepared.body
         sock = self.client.sock
         while True:
-            if self._body_out:
+            if self._body_out or self._end_unsent:
                 try:
                     sent = stream.try_send(self._body_out, end_stream=not self._upload_left)
                 except Exception:  # the backend stopped the upload (an early response) or the tunnel failed
@@ -353,6 +375,7 @@ class Relay(SocketWatcher):
                 if self._body_out:
                     self._upload_blocked = True  # on_stream resumes once the window opens
                     return
+                self._end_unsent = False
             if not self._upload_left:
                 return
             window = stream.send_window()
@@ -366,22 +389,59 @@ class Relay(SocketWatcher):
             except OSError:
                 data = b""
             if not data:
-                self._body_cut_short(body.length - self._upload_left)
+                if self._chunks is None:
+                    received = body.length - self._upload_left
+                    self._body_failed(f"the client sent {received} of the {body.length} bytes of its Content-Length")
+                else:
+                    self._body_failed(f"the client's chunked body ended early, after {body.sent} bytes of data")
                 return
             self._progressed()
-            self._upload_left -= len(data)
-            self._body_out = data
+            if self._chunks is None:
+                self._upload_left -= len(data)
+                self._body_out = data
+            elif not self._decode(data):
+                return
 
-    def _body_cut_short(self, received: int) -> None:
-        """The client closed before its whole body came: its stream is reset, it gets a 400 if it listens."""
+    def _decode(self, data: bytes) -> bool:
+        """A chunked body's bytes arrived: its data is to go out next. False when the body failed."""
+        chunks = self._chunks
+        assert chunks is not None
+        assert self.proxied is not None
+        body = self.proxied.prepared.body
+        try:
+            pieces = chunks.feed(data)
+        except Exception as exc:  # gunicorn's parse error: the request is bad, the tunnel is fine
+            self._body_failed(body_failure(exc))
+            return False
+        out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if body.max_size is not None and body.sent + len(out) > body.max_size:
+            log.info("%s %s: 413, a chunked body over the limit of %d bytes", self.req.method, self.req.uri,
+                     body.max_size)
+            body.too_large = True
+            self._stop_upload()
+            if self._responding:
+                self.abort(broken=False)
+            else:
+                self.answer(self.host.wsgi.client_body_too_large(self.proxied, self.environ,
+                                                                 self.resp.start_response))
+            return False
+        self._body_out = out
+        if chunks.done:
+            self._upload_left = 0
+            self._end_unsent = True
+            if chunks.leftover:  # the client's next request: the connection gets it back (RouterWorker.finish)
+                self.parser.unreader.unread(chunks.leftover)
+        return True
+
+    def _body_failed(self, failure: str) -> None:
+        """The client's body ended early or is malformed: its stream is reset, it gets a 400 if it listens."""
         proxied = self.proxied
         assert proxied is not None
         self._stop_upload()
         if self._responding:
             self.abort(broken=False)
             return
-        body = proxied.prepared.body
-        body.failure = f"the client sent {received} of the {body.length} bytes of its Content-Length"
+        proxied.prepared.body.failure = failure
         self.answer(self.host.wsgi.client_body_failed(proxied, self.environ, self.resp.start_response))
 
     def _stop_upload(self) -> None:
@@ -389,11 +449,13 @@ class Relay(SocketWatcher):
         self._upload_left = 0
         self._body_out = b""
         self._upload_blocked = False
+        self._end_unsent = False
         self.environ[CLOSE_CONNECTION] = True
 
     def _complete(self) -> None:
         self.done = True
-        if self._upload_left or self._body_out:  # answered before the body was all here: it cannot be reused
+        # Answered before the body was all here: the connection cannot be reused.
+        if self._upload_left or self._body_out or self._end_unsent:
             self._stop_upload()
         keep = not self.resp.should_close() and not self.environ.get(CLOSE_CONNECTION)
         self._log()

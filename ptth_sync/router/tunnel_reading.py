@@ -27,7 +27,7 @@ What the reader and writer threads guarded, and how it is kept:
 - a tunnel's death wakes every thread waiting on it, fails its relayed
   requests (retried or aborted, as before) and is logged: the same
   ``end_reading``;
-- threads serving requests (chunked uploads, WebSocket openings, retries) wait on
+- threads serving requests (WebSocket openings, retries, waits for a tunnel) wait on
   the tunnel as before: the loop wakes them as the reader did;
 - when the loop stops (the worker stops), each tunnel gets its reader and
   writer threads again (:meth:`LoopReading.stop`): requests still in flight

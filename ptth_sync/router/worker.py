@@ -1,12 +1,13 @@
-"""The router's gunicorn worker: waiting connections in a selector, a thread per request.
+"""The router's gunicorn worker: connections and relayed requests in a selector, threads for the rest.
 
-A proxied request spends most of its life waiting on a tunnel, so it wants a
-thread of its own; a connection with no request in progress does not. The
-worker's main thread holds every waiting connection (accept, TLS handshake,
-a request head still arriving, idle keep-alive) in a
-:class:`~ptth_sync.router.front.ClientFront`; a connection with a complete
-request head goes to a pool thread, which parses it with gunicorn's HTTP/1.1
-parser, calls the application, writes the response with gunicorn's writer,
+The worker's main thread holds every waiting connection (accept, TLS
+handshake, a request head still arriving, idle keep-alive) in a
+:class:`~ptth_sync.router.front.ClientFront`. A connection with a complete
+request head is parsed there with gunicorn's HTTP/1.1 parser and, most of the
+time, relayed without a thread (:mod:`ptth_sync.router.relay`: no body, a body
+of known length, a chunked one). The rest (a WebSocket opening, a wait for a
+tunnel, a retry) goes to a pool thread, which calls the application, writes
+the response with gunicorn's writer,
 and keeps the connection while the next request follows within
 :attr:`RouterWorker.linger` seconds (gunicorn's ``gthread`` hands every
 keep-alive connection back to its poller after each request, which costs a
@@ -39,7 +40,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set
 
 from gunicorn import http, sock, util
 from gunicorn.http import wsgi
-from gunicorn.http.body import LengthReader
+from gunicorn.http.body import ChunkedReader, LengthReader
 
 from ..gunicorn_base import SettingsSnapshot, ThreadedWorker
 from ..websocket import going_away_delay
@@ -419,9 +420,10 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         except Exception:
             return False  # a thread parses it again and answers it as gunicorn does
         reader = req.body.reader
-        if type(reader) is not LengthReader:
-            return False  # a chunked body: gunicorn's reader decodes it, on a thread
-        length = reader.length
+        chunked = type(reader) is ChunkedReader  # decoded as it arrives (see Relay.start_chunked_upload)
+        if not chunked and type(reader) is not LengthReader:
+            return False  # a body that ends with the connection: gunicorn's reader, on a thread
+        length = 0 if chunked else reader.length
         buffered = len(parser.unreader.buf.getbuffer())
         if length > buffered and length <= SMALL_BODY and client.need == 0:
             # A small body goes out with its headers, in one piece that another tunnel could
@@ -440,7 +442,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         if client.need:
             client.need = 0
             req._expected_100_continue = False  # answered while the body was collected
-        streamed = length > SMALL_BODY or length > buffered  # else the whole body is here
+        streamed = chunked or length > SMALL_BODY or length > buffered  # else the whole body is here
         self.cfg.pre_request(self, req)
         request_start = datetime.now()
         resp, environ = wsgi.create(req, ResponseSink(), client.addr, self._server_name(client.listener), self.cfg,
@@ -448,7 +450,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         environ["wsgi.multithread"] = True
         self._count_request(resp)
         relay = client.owner = Relay(self, client, parser, req, resp, environ, request_start, self.wsgi.timeout)
-        relay.body_length, relay.body_buffered, relay.streamed = length, buffered, streamed
+        relay.body_length, relay.body_buffered, relay.streamed, relay.chunked = length, buffered, streamed, chunked
         with self._relays_lock:
             self._relays[id(relay)] = relay
         if client.cut_short:
@@ -489,7 +491,9 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
                 self.retry(relay)
             elif isinstance(outcome, Proxied):
                 relay.proxied = outcome
-                if streamed:
+                if relay.chunked:
+                    relay.start_chunked_upload(relay.parser.unreader.take_buffered())
+                elif streamed:
                     initial = relay.req.body.read(min(relay.body_length, relay.body_buffered))
                     relay.start_upload(initial, relay.body_length - len(initial))
             else:

@@ -13,14 +13,16 @@ import http.client
 import io
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any, List, Tuple
 
 import pytest
+from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, HeadersFrame, RstStreamFrame
 
 from tests.conftest import RouterProcess, wait_until
-from tests.system.test_slow_clients import status, timed_get, worker_pid
+from tests.system.test_slow_clients import connections, slow_clients_router, status, timed_get, trickle, worker_pid
 from tests.system.test_tunnel_loop import hostile_tunnel
 
 
@@ -108,9 +110,66 @@ def test_a_request_sent_while_the_last_response_is_still_coming_is_answered_afte
     assert router.count_lines("Traceback") == 0
 
 
+def test_slow_chunked_uploads_cost_no_thread_and_arrive_whole(router_process, backend_process):
+    """200 uploads with ``Transfer-Encoding: chunked`` send a 1 KiB chunk a second: the router decodes
+    them as they come, on no thread (each held two before); a normal GET is answered within a second
+    throughout. Then each ends its body (trailers too) and sends a second request on the connection:
+    every body arrives whole, and every connection carries on."""
+    router, worker, threads_before, rss_before = slow_clients_router(router_process, backend_process)
+    slowest = 0.0
+    with connections(router.http_host, router.http_port, 200) as uploads:
+        assert len(uploads) == 200
+        trickle(uploads, b"POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for second in range(4):  # bounded: four rounds at the uploaders' pace of a second
+            trickle(uploads, b"400;round=%d\r\n" % second + b"x" * 1024 + b"\r\n")
+            slowest = max(slowest, timed_get(router.url))
+            time.sleep(1)  # the uploaders' pace, not a synchronisation
+        threads_during = status(worker, "Threads")
+        rss_during = status(worker, "VmRSS") * 1024
+        trickle(uploads, b"0\r\nX-Checksum: 4096\r\n\r\nGET /foo HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = [read_responses(sock, ["POST", "GET"]) for sock in uploads]
+    print(f"threads {threads_before} before, {threads_during} with 200 slow chunked uploads; slowest GET "
+          f"{slowest * 1000:.0f} ms; router memory {(rss_during - rss_before) / 200 / 1024:.1f} KiB per upload")
+    assert [(post[0], post[2], get[0], get[2]) for post, get in answers] == [(200, b"4096", 200, b"bar")] * 200
+    assert slowest < 1.0
+    assert threads_during <= threads_before
+    assert router.count_lines("Traceback") == 0
+
+
+@pytest.mark.parametrize(("body", "answer"), [
+    (b"5\r\nhello\r\nzz\r\n", b"400 Bad Request: the client's body is malformed: Invalid chunk size"),
+    (b"5\r\nhelloXX", b"400 Bad Request: the client's body is malformed: Invalid chunk terminator"),
+    (b"5\r\nhel", b"400 Bad Request: the client's chunked body ended early, after 3 bytes of data"),
+    (b"3e8\r\n" + b"x" * 1000 + b"\r\n", b"413 Content Too Large: the request body exceeds 999 bytes"),
+])
+def test_a_bad_chunked_body_ends_its_request_only(router_process, backend_process, body, answer):
+    """Malformed, cut short or over --max-body-size after its stream opened: the client gets the router's
+    400 or 413 with the reason, the connection closes, the backend sees its stream reset, and the tunnel
+    serves the next request."""
+    router = router_process("--max-body-size", "999")
+    backend = backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    for _ in range(3):
+        with socket.create_connection((router.http_host, router.http_port), timeout=10) as sock:
+            sock.sendall(b"POST /count HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+            if body.endswith(b"hel"):
+                sock.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 " + answer[:3]), received
+        assert answer in received
+        assert b"Connection: close" in received
+        assert timed_get(router.url) < 1.0
+    assert router.count_lines(f"POST /count: {answer[:3].decode()}, ") == 3  # each with its reason
+    assert router.count_lines("Tunnel removed") == 0
+    assert backend.count_lines("Traceback") == 0
+
+
 def test_connections_that_pass_between_threads_and_the_selector_are_closed_cleanly(router_process, backend_process):
-    """A relayed request, then a chunked upload (a thread serves it and closes the connection): 100 times in a
-    row, the descriptors the threads closed are reused by new connections without a hitch."""
+    """A relayed request, then one gunicorn's parser refuses (a thread answers it 400 and closes the
+    connection): 100 times in a row, the descriptors the threads closed are reused by new connections
+    without a hitch."""
     router = router_process()
     backend_process("tests.apps:multi", router.tunnel_address)
     router.wait_tunnels(1)
@@ -118,10 +177,8 @@ def test_connections_that_pass_between_threads_and_the_selector_are_closed_clean
         with socket.create_connection((router.http_host, router.http_port), timeout=10) as sock:
             sock.sendall(b"GET /foo HTTP/1.1\r\nHost: x\r\n\r\n")
             assert read_responses(sock, ["GET"])[0][2] == b"bar"
-            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-                         b"5\r\nhello\r\n0\r\n\r\n")
-            code, _, body = read_responses(sock, ["POST"])[0]
-            assert (code, body) == (200, b"hello")
+            sock.sendall(b"GET /foo HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n")
+            assert read_responses(sock, ["GET"])[0][0] == 400
             assert sock.recv(1) == b""  # closed by the router after the response
     assert timed_get(router.url) < 1.0
     assert router.count_lines("Traceback") == 0
@@ -181,26 +238,29 @@ def test_a_client_that_goes_away_mid_response_resets_only_its_stream(router_proc
     assert router.count_lines("Traceback") == 0
 
 
-@pytest.mark.parametrize("request_", [
-    b"GET / HTTP/1.1\r\nHost: broken.example\r\n\r\n",  # relayed
-    b"POST / HTTP/1.1\r\nHost: broken.example\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # on a thread
-])
+@pytest.mark.parametrize("path", ["relayed", "on a thread"])
 @pytest.mark.parametrize(("framing", "body"), [
     ((b"content-length", b"100"), b"short"),  # 95 bytes short
     ((b"content-type", b"text/plain"), b"partial"),  # chunked to the client, with no last chunk
 ])
-def test_a_response_that_breaks_off_reaches_the_client_as_far_as_it_came(router_process, framing, body, request_):
+def test_a_response_that_breaks_off_reaches_the_client_as_far_as_it_came(router_process, framing, body, path):
     # A backend's HEADERS, DATA and RST_STREAM read together (as when an app
     # fails right after its first piece): the client sees the response begin,
-    # then the cut, as from gunicorn itself; never an empty reply.
+    # then the cut, as from gunicorn itself; never an empty reply. On a thread:
+    # the backend refuses the request's first stream, and the router retries
+    # it from a thread.
     router = router_process()
     backend = hostile_tunnel(router, origin="broken.example")
     router.wait_tunnels(1)
     for round_ in range(3):
         with socket.create_connection((router.http_host, router.http_port), timeout=10) as sock:
-            sock.sendall(request_)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: broken.example\r\n\r\n")
             request = backend.read_until(lambda frame: isinstance(frame, HeadersFrame), timeout=5)
             sid = request.stream_id
+            if path == "on a thread":
+                backend.send_raw(RstStreamFrame(sid, error_code=ErrorCodes.REFUSED_STREAM).serialize())
+                request = backend.read_until(lambda frame: isinstance(frame, HeadersFrame), timeout=5)
+                sid = request.stream_id
             backend.send_raw(
                 backend.headers(sid, [(":status", "200"), framing]).serialize()
                 + DataFrame(sid, body).serialize()
@@ -216,6 +276,7 @@ def test_a_response_that_breaks_off_reaches_the_client_as_far_as_it_came(router_
         assert rest == expected  # and no more: the client can tell it broke off
         wait_until(lambda cuts=round_ + 1: router.count_lines("failed mid-response") == cuts, 10,
                    what="the cut to be logged")
+    assert router.count_lines(": retrying") == (3 if path == "on a thread" else 0)
     assert router.count_lines("Tunnel removed") == 0
 
 
