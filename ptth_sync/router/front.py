@@ -56,6 +56,12 @@ log = logging.getLogger("ptth_sync.router")
 _ACCEPT_BATCH = 64
 #: How often, at most, the deadlines of waiting connections are checked (seconds).
 _SWEEP_INTERVAL = 0.25
+#: A connection closed while its client may still be sending (a request body the response did not
+#: wait for) is read and discarded this long at most after the router's FIN, so that closing it does
+#: not reset the connection under a response the client has not read yet (nginx's lingering close).
+_LINGER_SECONDS = 5.0
+#: At most this much of what such a client sends is read (and discarded) per turn of the loop.
+_LINGER_READ = 1024 * 1024
 #: After ``accept`` failed for want of descriptors, how long the listeners rest (seconds).
 _EMFILE_PAUSE = 0.1
 
@@ -73,8 +79,8 @@ def head_complete(buffer: Any) -> bool:
 class WaitingClient:
     """A client connection outside any thread: its socket, what it sent so far, and its deadline."""
 
-    __slots__ = ("addr", "body_length", "buffer", "busy", "cut_short", "deadline", "handshaking", "listener", "need",
-                 "owner", "sock", "started", "watched", "what")
+    __slots__ = ("addr", "body_length", "buffer", "busy", "cut_short", "deadline", "handshaking", "lingering",
+                 "listener", "need", "owner", "sock", "started", "watched", "what")
 
     def __init__(self, sock: Any, addr: Any, listener: Any, buffer: bytes = b"") -> None:
         self.sock = sock
@@ -96,6 +102,8 @@ class WaitingClient:
         self.what = ""
         #: The client closed its side before the whole small body came (see ClientFront.collect_body).
         self.cut_short = False
+        #: Closing: the router sent its FIN, and discards what the client still sends (see ClientFront._linger).
+        self.lingering = False
 
     @property
     def received_body(self) -> int:
@@ -426,6 +434,10 @@ class ClientFront:
         self._unregister(client.sock)
 
     def _on_readable(self, client: WaitingClient) -> None:
+        if client.lingering:
+            if not self._discard(client):
+                self._drop(client)
+            return
         if client.handshaking and not self._handshake(client):
             return
         sock = client.sock
@@ -586,20 +598,57 @@ class ClientFront:
         return victim is not None
 
     def _drop(self, client: WaitingClient, graceful: bool = False) -> None:
-        """Close a connection; ``graceful``: FIN first, and what it sent meanwhile read, so no RST cuts a response."""
+        """Close a connection; ``graceful``: FIN first, then what it still sends is read and discarded for a
+        while (:meth:`_linger`), so that no RST cuts a response the client has not read yet."""
         self._unwait(client)
         sock = client.sock
-        try:
-            if graceful and not isinstance(sock, ssl.SSLSocket):
-                sock.shutdown(socket.SHUT_WR)
-                sock.recv(65536, socket.MSG_DONTWAIT)
-        except OSError:
-            pass
+        if graceful and not client.lingering and not isinstance(sock, ssl.SSLSocket) and self._linger(client):
+            return
         try:
             sock.close()
         except OSError:
             pass
         self._forget(client)
+
+    def _linger(self, client: WaitingClient) -> bool:
+        """Send FIN and wait, reading and discarding, until the client closes too or ``_LINGER_SECONDS``
+        passed (:meth:`_sweep`); False when it has closed already.
+
+        Closing a socket with unread input resets the connection, and a reset
+        can destroy the end of the response at the client before it read it
+        (a client still uploading a body the response did not wait for).
+        Such a connection costs its socket meanwhile, and goes first when
+        connections are shed.
+        """
+        sock = client.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        client.lingering = True
+        if not self._discard(client):
+            return False
+        client.started = False
+        client.need = 0
+        client.buffer = bytearray()
+        client.deadline = time.monotonic() + _LINGER_SECONDS
+        self._wait(client)  # (which closes it, if it cannot be watched)
+        return True
+
+    def _discard(self, client: WaitingClient) -> bool:
+        """Read and drop what a lingering client sent (``_LINGER_READ`` at most); False once it closed."""
+        taken = 0
+        while taken < _LINGER_READ:
+            try:
+                data = client.sock.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            taken += len(data)
+        return True
 
     def _forget(self, client: WaitingClient) -> None:
         with self._lock:

@@ -166,6 +166,30 @@ def test_a_bad_chunked_body_ends_its_request_only(router_process, backend_proces
     assert backend.count_lines("Traceback") == 0
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_client_still_uploading_when_answered_gets_the_answer(router_process, backend_process, chunked):
+    """The app answers without reading a 32 MB upload (as an auth check or a 413 does): the router closes the
+    connection, but reads and discards what the client still sends for a while first, so a client that
+    sends its whole body before it reads (http.client, requests) gets the answer instead of a broken pipe."""
+    router = router_process()
+    backend_process("tests.apps:multi", router.tunnel_address)
+    router.wait_tunnels(1)
+    block = b"x" * (1024 * 1024)
+    for _ in range(3):
+        conn = http.client.HTTPConnection(router.http_host, router.http_port, timeout=10)
+        try:
+            if chunked:
+                conn.request("POST", "/foo", body=iter([block] * 32), encode_chunked=True)
+            else:
+                conn.request("POST", "/foo", body=block * 32)
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"bar")
+        finally:
+            conn.close()
+    assert timed_get(router.url) < 1.0
+    assert router.count_lines("Traceback") == 0
+
+
 def test_connections_that_pass_between_threads_and_the_selector_are_closed_cleanly(router_process, backend_process):
     """A relayed request, then one gunicorn's parser refuses (a thread answers it 400 and closes the
     connection): 100 times in a row, the descriptors the threads closed are reused by new connections
