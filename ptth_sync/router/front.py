@@ -446,7 +446,12 @@ class ClientFront:
                 data = sock.recv(65536)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError, InterruptedError):
                 return
-            except (ssl.SSLError, OSError):
+            except ssl.SSLError as exc:
+                if not isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):  # (not a close without notice)
+                    log.info("Closing connection from %s: TLS error: %s", client.peer, exc)
+                self._drop(client)
+                return
+            except OSError:
                 self._drop(client)
                 return
             if not data:

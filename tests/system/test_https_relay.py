@@ -168,3 +168,32 @@ def test_a_client_may_not_renegotiate(router_process, backend_process, certs):  
         client.kill()
         client.wait(10)
     assert https_get(router, certs).endswith(b"bar")
+
+
+def test_a_corrupt_tls_record_ends_that_connection_only_with_a_line(router_process, backend_process, certs):  # noqa: F811
+    """A client whose record fails its integrity check after the handshake (a bit flipped on the way):
+    the router closes that connection and says why; other HTTPS clients carry on."""
+    router = https_router(router_process, backend_process, certs)
+    context = ssl.create_default_context(cafile=certs["ca"])
+    for round_ in range(3):
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with socket.create_connection((router.http_host, router.http_port), timeout=10) as raw:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    data = raw.recv(65536)
+                    assert data, "the router closed during the handshake"
+                    incoming.write(data)
+            raw.sendall(outgoing.read())
+            tls.write(b"GET /foo HTTP/1.1\r\nHost: x\r\n\r\n")
+            record = bytearray(outgoing.read())
+            record[-1] ^= 1
+            raw.sendall(bytes(record))
+            wait_until(lambda n=round_ + 1: router.count_lines("TLS error") == n, 10,
+                       what=lambda: f"the router to log the bad record:\n{router.output()[-2000:]}")
+        assert https_get(router, certs).endswith(b"bar")
+    assert router.count_lines("Traceback") == 0
