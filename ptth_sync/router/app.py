@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union, cast
 
+from gunicorn.http.errors import ChunkMissingTerminator, InvalidChunkExtension, InvalidChunkSize
 from h2.errors import ErrorCodes
 
 from ..access import TunnelAccess
@@ -1098,9 +1099,13 @@ class _ResponseBody:
             metrics.request_done(self._code, self._started, self._body.sent, self._sent, self._tunnel, self._broken)
 
 
+#: gunicorn's errors for a malformed chunked body (OSError subclasses in gunicorn 26, not a client that left).
+_BAD_CHUNKS = (InvalidChunkSize, ChunkMissingTerminator, InvalidChunkExtension)
+
+
 def body_failure(exc: Exception) -> str:
     """Why reading a client's body failed, as a sentence."""
-    if isinstance(exc, OSError):  # gunicorn's NoMoreData too: the client went away
+    if isinstance(exc, OSError) and not isinstance(exc, _BAD_CHUNKS):  # gunicorn's NoMoreData too: the client left
         return f"the client's body ended early: {exc or type(exc).__name__}"
     return f"the client's body is malformed: {exc or type(exc).__name__}"
 
