@@ -90,9 +90,9 @@ class ChunkedBody:
                 self._state = _SIZE
             else:
                 line_end = buf.find(b"\r\n", pos)
+                if (end if line_end < 0 else line_end) - pos > self._limit_line:  # (however it arrived)
+                    raise InvalidChunkSize(b"line over %d bytes" % self._limit_line)
                 if line_end < 0:
-                    if end - pos > self._limit_line:
-                        raise InvalidChunkSize(b"line over %d bytes with no terminator" % self._limit_line)
                     break
                 try:
                     size = self._size(buf[pos:line_end + 2])

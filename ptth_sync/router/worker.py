@@ -422,7 +422,7 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
         reader = req.body.reader
         chunked = type(reader) is ChunkedReader  # decoded as it arrives (see Relay.start_chunked_upload)
         if not chunked and type(reader) is not LengthReader:
-            return False  # a body that ends with the connection: gunicorn's reader, on a thread
+            return False  # another reader (gunicorn makes none for a request): a thread serves it
         length = 0 if chunked else reader.length
         buffered = len(parser.unreader.buf.getbuffer())
         if length > buffered and length <= SMALL_BODY and client.need == 0:
