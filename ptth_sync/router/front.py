@@ -607,7 +607,7 @@ class ClientFront:
         while (:meth:`_linger`), so that no RST cuts a response the client has not read yet."""
         self._unwait(client)
         sock = client.sock
-        if graceful and not client.lingering and not isinstance(sock, ssl.SSLSocket) and self._linger(client):
+        if graceful and not client.lingering and self._linger(client):
             return
         try:
             sock.close()
@@ -623,7 +623,8 @@ class ClientFront:
         can destroy the end of the response at the client before it read it
         (a client still uploading a body the response did not wait for).
         Such a connection costs its socket meanwhile, and goes first when
-        connections are shed.
+        connections are shed. (A TLS socket stops using OpenSSL as it shuts
+        down: what its client still sends is dropped as raw records.)
         """
         sock = client.sock
         try:

@@ -10,6 +10,7 @@ thread count shows that none of them needed a thread.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import select
 import shutil
@@ -196,4 +197,22 @@ def test_a_corrupt_tls_record_ends_that_connection_only_with_a_line(router_proce
             wait_until(lambda n=round_ + 1: router.count_lines("TLS error") == n, 10,
                        what=lambda: f"the router to log the bad record:\n{router.output()[-2000:]}")
         assert https_get(router, certs).endswith(b"bar")
+    assert router.count_lines("Traceback") == 0
+
+
+def test_an_https_client_still_uploading_when_answered_gets_the_answer(router_process, backend_process,
+                                                                       certs):  # noqa: F811
+    """As over plain HTTP (test_relay.py): the app answers without reading a 32 MB upload, and the
+    client, which sends all of it before it reads, gets the answer rather than a reset."""
+    router = https_router(router_process, backend_process, certs)
+    context = ssl.create_default_context(cafile=certs["ca"])
+    for _ in range(3):
+        conn = http.client.HTTPSConnection("localhost", router.http_port, timeout=10, context=context)
+        try:
+            conn.request("POST", "/foo", body=b"x" * (32 * 1024 * 1024))
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"bar")
+        finally:
+            conn.close()
+    assert https_get(router, certs).endswith(b"bar")
     assert router.count_lines("Traceback") == 0
