@@ -425,13 +425,14 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             return False  # another reader (gunicorn makes none for a request): a thread serves it
         length = 0 if chunked else reader.length
         buffered = len(parser.unreader.buf.getbuffer())
-        if length > buffered and length <= SMALL_BODY and client.need == 0:
+        # A TLS client that waits for "100 Continue" gets it from the relay, whose writes a TLS
+        # socket can take (see Relay._flush): its small body is streamed, as a larger one is.
+        expects_over_tls = req._expected_100_continue and isinstance(client.sock, ssl.SSLSocket)
+        if length > buffered and length <= SMALL_BODY and client.need == 0 and not expects_over_tls:
             # A small body goes out with its headers, in one piece that another tunnel could
             # take again: it waits in the front until it is all here, as the head did.
             assert self._front is not None
             if req._expected_100_continue:  # the client waits for this before it sends the body
-                if isinstance(client.sock, ssl.SSLSocket):
-                    return False  # (a TLS write that would block must be tried again: a thread's job)
                 try:
                     client.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n", socket.MSG_DONTWAIT)
                 except OSError:

@@ -216,3 +216,33 @@ def test_an_https_client_still_uploading_when_answered_gets_the_answer(router_pr
             conn.close()
     assert https_get(router, certs).endswith(b"bar")
     assert router.count_lines("Traceback") == 0
+
+
+def test_https_clients_that_wait_for_100_continue_then_trickle_a_small_body_cost_no_thread(
+    router_process, backend_process, certs, stalled_sockets  # noqa: F811
+):
+    """50 HTTPS clients send a head with ``Expect: 100-continue`` and a 60,000-byte body, get their
+    ``100 Continue``, then send the body in pieces: while it is incomplete, the router's thread count
+    stays put (a thread each before), and then each gets its whole body counted."""
+    router = https_router(router_process, backend_process, certs)
+    worker = worker_pid(router.pid)
+    assert https_get(router, certs).endswith(b"bar")
+    threads = status(worker, "Threads")
+    clients = []
+    for _ in range(50):
+        sock = tls_connect(router, certs)
+        sock.sendall(b"POST /count HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\nExpect: 100-continue\r\n\r\n")
+        clients.append(sock)
+    stalled_sockets += clients
+    assert [sock.recv(25) for sock in clients] == [b"HTTP/1.1 100 Continue\r\n\r\n"] * 50
+    for _ in range(3):  # the bodies come in pieces; between them, the clients hold the router nothing
+        for sock in clients:
+            sock.sendall(b"x" * 1000)
+        assert https_get(router, certs).endswith(b"bar")
+        assert status(worker, "Threads") <= threads
+    answers = []
+    for sock in clients:
+        sock.sendall(b"x" * 57000)
+        answers.append(read_responses(sock, ["POST"])[0])
+    assert [(code, body) for code, _, body in answers] == [(200, b"60000")] * 50
+    assert router.count_lines("Traceback") == 0
