@@ -425,10 +425,10 @@ class RouterWorker(ClientConnectionLoop, ThreadedWorker):
             return False  # another reader (gunicorn makes none for a request): a thread serves it
         length = 0 if chunked else reader.length
         buffered = len(parser.unreader.buf.getbuffer())
-        # A TLS client that waits for "100 Continue" gets it from the relay, whose writes a TLS
-        # socket can take (see Relay._flush): its small body is streamed, as a larger one is.
-        expects_over_tls = req._expected_100_continue and isinstance(client.sock, ssl.SSLSocket)
-        if length > buffered and length <= SMALL_BODY and client.need == 0 and not expects_over_tls:
+        # (A TLS client that waits for "100 Continue" gets it from the relay, whose writes a TLS
+        # socket can take, see Relay._flush: its small body is streamed, as a larger one is.)
+        if (length > buffered and length <= SMALL_BODY and client.need == 0
+                and not (req._expected_100_continue and isinstance(client.sock, ssl.SSLSocket))):
             # A small body goes out with its headers, in one piece that another tunnel could
             # take again: it waits in the front until it is all here, as the head did.
             assert self._front is not None
