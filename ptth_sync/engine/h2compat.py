@@ -12,6 +12,8 @@ compares what these classes write and parse with stock h2.
   a malformed message, or one with more headers than we advertised
   (:class:`_H2Configuration`), resets its stream instead of failing the
   connection.
+- :class:`_ClosedStreams`: h2's record of how its last closed streams ended,
+  kept in 5 bytes a stream.
 - :class:`_H2Stream`: a request's or final response's header block is
   written without hyperframe's frame objects; the checks of a received
   message raise :class:`_Malformed`.
@@ -22,6 +24,7 @@ compares what these classes write and parse with stock h2.
 
 from __future__ import annotations
 
+import array
 import collections
 from typing import Any, Deque, Dict, List, Optional, Tuple, Type
 
@@ -189,6 +192,68 @@ class _H2Configuration(h2.config.H2Configuration):
         self.decoded_header_list_bound = max(decoded_header_list_bound, header_list_limit)
 
 
+# How a closed stream ended, as h2 records it (a StreamClosedBy, or None: closed implicitly), as a byte.
+_CLOSED_BY: Tuple[Optional[h2.stream.StreamClosedBy], ...] = (None, *h2.stream.StreamClosedBy)
+_CLOSED_BY_CODE = {closed_by: code for code, closed_by in enumerate(_CLOSED_BY)}
+_FIRST_SLOTS = 64
+
+
+class _ClosedStreams:
+    """h2's record of how its last closed streams ended, in 5 bytes a stream instead of about 170.
+
+    h2 remembers the last ``H2Connection.MAX_CLOSED_STREAMS`` (65,536) closed
+    streams in an ordered dict, to tell a late frame on a stream it reset (a
+    stream error) from one on a stream that had ended (a connection error):
+    about 11 MiB for each connection that has served that many streams, a
+    tunnel on either side. Here a record sits in the slot of its stream's
+    number (one side's stream IDs follow one another, odd or even) in two
+    arrays, which double as records would collide, up to the same bound; past
+    it, a stream's record makes way for the one whose number shares its slot.
+    """
+
+    __slots__ = ("_codes", "_ids", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(limit, 1)
+        size = min(_FIRST_SLOTS, self._limit)
+        self._ids = array.array("I", bytes(4 * size))  # 0: an empty slot (stream 0 is the connection)
+        self._codes = bytearray(size)
+
+    def __setitem__(self, stream_id: int, closed_by: Optional[h2.stream.StreamClosedBy]) -> None:
+        slot = (stream_id >> 1) % len(self._codes)
+        held = self._ids[slot]
+        while held and held != stream_id and len(self._codes) < self._limit:
+            self._grow()
+            slot = (stream_id >> 1) % len(self._codes)
+            held = self._ids[slot]
+        self._ids[slot] = stream_id
+        self._codes[slot] = _CLOSED_BY_CODE[closed_by]
+
+    def __contains__(self, stream_id: object) -> bool:
+        if type(stream_id) is not int or stream_id <= 0:
+            return False
+        return self._ids[(stream_id >> 1) % len(self._codes)] == stream_id
+
+    def __getitem__(self, stream_id: int) -> Optional[h2.stream.StreamClosedBy]:
+        if stream_id not in self:
+            raise KeyError(stream_id)
+        return _CLOSED_BY[self._codes[(stream_id >> 1) % len(self._codes)]]
+
+    def __len__(self) -> int:
+        return len(self._codes) - self._ids.count(0)
+
+    def _grow(self) -> None:
+        ids, codes = self._ids, self._codes
+        size = min(2 * len(codes), self._limit)
+        self._ids = array.array("I", bytes(4 * size))
+        self._codes = bytearray(size)
+        for stream_id, code in zip(ids, codes):
+            if stream_id:  # (records in distinct slots stay in distinct slots)
+                slot = (stream_id >> 1) % size
+                self._ids[slot] = stream_id
+                self._codes[slot] = code
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2, with DATA frames leaving as their 9-byte header plus the caller's payload object.
 
@@ -207,6 +272,10 @@ class _H2Connection(h2.connection.H2Connection):
         # Relies on (h2 4.1.0-4.4.1): receive_data() feeding the public incoming_buffer (add_data,
         # then max_frame_size = max_inbound_frame_size, then iterating it for frames).
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        # Relies on (h2 4.1.0-4.4.1): the private _closed_streams, a stream ID -> StreamClosedBy (or None)
+        # mapping that h2 only writes (_open_streams), tests and reads (_stream_closed_by), bounded by
+        # the public MAX_CLOSED_STREAMS.
+        self._closed_streams = _ClosedStreams(self.MAX_CLOSED_STREAMS)
         self._segments: List[Any] = []  # output ahead of self._data_to_send, in wire order
         self._opened_since_sweep = 0  # request streams opened since h2 last dropped its closed streams
         #: Server role: the debug data of a GOAWAY(NO_ERROR) the client sent, kept here instead of closing

@@ -109,6 +109,30 @@ def test_a_fresh_h2_connection_has_the_attributes_the_hooks_use():
     assert hasattr(connection, "encoder"), broken("_H2Connection.send_headers", "H2Connection.encoder is gone")
 
 
+def test_h2_keeps_its_record_of_closed_streams_where_the_hook_replaces_it():
+    hook = "_H2Connection.__init__ (_ClosedStreams)"
+    connection = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+    assert isinstance(getattr(h2.connection.H2Connection, "MAX_CLOSED_STREAMS", None), int), broken(
+        hook, "H2Connection.MAX_CLOSED_STREAMS is gone")
+    assert hasattr(connection, "_closed_streams"), broken(hook, "H2Connection._closed_streams is gone")
+    # h2 may only store a record, test for one and read it: what _ClosedStreams provides.
+    uses = [line.strip() for line in inspect.getsource(h2.connection).splitlines() if "_closed_streams" in line]
+    allowed = ("self._closed_streams: dict[int, StreamClosedBy | None] = SizeLimitDict(",
+               "self._closed_streams = SizeLimitDict(",
+               "self._closed_streams[stream_id] = stream.closed_by",
+               "if stream_id in self._closed_streams:",
+               "return self._closed_streams[stream_id]")
+    unknown = [line for line in uses if line not in allowed]
+    assert not unknown, broken(hook, f"h2 uses its closed streams' record in a new way: {unknown}")
+    connection.initiate_connection()
+    connection.send_headers(1, REQUEST, end_stream=True)
+    connection.reset_stream(1)
+    _ = connection.open_outbound_streams  # drops the closed stream into the record
+    assert 1 not in connection.streams
+    assert connection._stream_is_closed_by_reset(1), broken(
+        hook, "a reset stream is not found in the record of closed streams")
+
+
 def test_a_fresh_h2_stream_has_the_attributes_the_hooks_use():
     connection = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
     connection.initiate_connection()
