@@ -99,7 +99,7 @@ class StreamOps(ConnectionState):
             except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
                 error = stream._error or StreamReset(stream.id, ErrorCodes.STREAM_CLOSED, remote=True)
                 stream._error = error
-                raise error from None
+                raise _fresh(error) from None
             if end_stream:
                 stream._local_ended = True
             self._outbox.queue_output()
@@ -148,7 +148,7 @@ class StreamOps(ConnectionState):
                 except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
                     error = stream._error or StreamReset(sid, ErrorCodes.STREAM_CLOSED, remote=True)
                     stream._error = error
-                    raise error from None
+                    raise _fresh(error) from None
                 self._outbox.queue_output()
             self._outbox.flush(wait=self._outbox.full())
             if pos >= total:
@@ -182,7 +182,7 @@ class StreamOps(ConnectionState):
 
     def _raise_if_failed(self, stream: Stream) -> None:
         if stream._error is not None:
-            raise stream._error
+            raise _fresh(stream._error)
         if self._error is not None:
             raise ConnectionClosed(self._error.reason, request_sent=stream.request_sent)
 
@@ -220,3 +220,20 @@ class StreamOps(ConnectionState):
         # Never waits on the socket: a stream is closed on the reader thread too (by a listener), and
         # a reader that blocks on a write can deadlock with a peer that does the same.
         self._outbox.send_without_blocking()
+
+
+def _fresh(error: Exception) -> Exception:
+    """A new exception like ``error``, the one recorded on a stream, to raise.
+
+    Raising the record itself would give it a traceback: every frame that the
+    exception passed through, with their locals (the stream among them), tied
+    to the stream that holds the record, a cycle that only the garbage
+    collector breaks. Each request that met the error (a response cut short by
+    a client that went away, say) would keep its objects, its body included,
+    until a full collection.
+    """
+    if isinstance(error, StreamReset):
+        return StreamReset(error.stream_id, error.error_code, remote=error.remote)
+    if isinstance(error, ConnectionClosed):
+        return ConnectionClosed(error.reason, request_sent=error.request_sent)
+    return error
