@@ -118,11 +118,32 @@ def test_large_bodies_cross_a_tls_tunnel_both_ways(pem_files, opened):
     channel = TLSChannel(sock, client_context(cafile=str(pem_files["ca"])), server_side=False,
                          server_hostname="localhost")
     channel.do_handshake(5)
+    asked: List[int] = []
+    channel._ssl = _ReadsRecorded(channel._ssl, asked)
     connection = Connection(channel, client_side=False, on_request=echo)  # type: ignore[arg-type]
     connection.start()
     opened[0].append(connection)
     wait_until(lambda: len(router.pool) == 1, what="the TLS tunnel")
     assert wsgi_request(router, "PUT", "/", echo_bytes).body == echo_bytes
+    # Each read is asked for one record at most: asking OpenSSL for more makes it allocate all of it and
+    # shrink it to the record it returns, MiB-sized blocks that left the backend's heap in pieces.
+    assert asked
+    assert max(asked) <= 16384
+
+
+class _ReadsRecorded:
+    """An SSLObject that records the sizes its reads are asked for."""
+
+    def __init__(self, ssl_object: Any, asked: List[int]) -> None:
+        self._ssl_object = ssl_object
+        self._asked = asked
+
+    def read(self, size: int = 1024, *args: Any) -> Any:
+        self._asked.append(size)
+        return self._ssl_object.read(size, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ssl_object, name)
 
 
 def test_an_expired_certificate_is_refused_by_the_backend_and_no_tunnel_is_added(pem_files, opened, caplog):
