@@ -27,7 +27,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .handshake import WRONG_PORT, HandshakeRefused, plaintext_answer
-from .sockets import TLS_RECORD, linger_close
+from .sockets import linger_close, read_record
 
 __all__ = [
     "PlaintextPeer",
@@ -240,7 +240,7 @@ class TLSChannel:
         while True:
             with self._lock:
                 try:
-                    data = self._ssl.read(min(size, TLS_RECORD))
+                    data = read_record(self._ssl, size)
                 except ssl.SSLWantReadError:
                     data = None
                 except ssl.SSLZeroReturnError:
