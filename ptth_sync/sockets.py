@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any, List, Sequence
 
-__all__ = ["IOV_MAX", "linger_close", "peer_name", "read_record", "recv_without_blocking",
+__all__ = ["IOV_MAX", "linger_close", "peer_name", "read_record", "recv_at_size", "recv_without_blocking",
            "send_without_blocking", "sendall_buffers", "shutdown", "unsent"]
 
 #: Buffers handed to one vectored write (Linux and the BSDs take up to 1024).
@@ -42,6 +42,23 @@ def read_record(tls: Any, size: int) -> bytes:
         buffer = _thread_buffers.record = bytearray(TLS_RECORD)
     size = min(size, TLS_RECORD)
     count = tls.recv_into(buffer, size) if isinstance(tls, ssl.SSLSocket) else tls.read(size, buffer)
+    with memoryview(buffer) as view:
+        return bytes(view[:count])
+
+
+def recv_at_size(sock: socket.socket, size: int, flags: int = 0) -> bytes:
+    """``sock.recv(size, flags)``, but the bytes returned are allocated at the size that came.
+
+    ``recv(size)`` allocates ``size`` bytes and shrinks them to what came; a
+    tunnel's reader asking for 256 KiB and getting a few frames, read after
+    read, left its thread's malloc arena in pieces the same way (see
+    :func:`read_record`). What comes lands first in a buffer the calling
+    thread keeps. Raises what ``recv`` raises.
+    """
+    buffer = getattr(_thread_buffers, "received", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _thread_buffers.received = bytearray(size)
+    count = sock.recv_into(buffer, size, flags)
     with memoryview(buffer) as view:
         return bytes(view[:count])
 

@@ -33,7 +33,7 @@ import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
 
-from ..sockets import linger_close
+from ..sockets import linger_close, recv_at_size
 from ..waiting import release
 from .events import EventDispatch
 from .stream import Stream
@@ -88,7 +88,7 @@ class ReaderLoop(EventDispatch):
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes already
-        receive = getattr(sock, "recv_if_ready", sock.recv)  # TLS: never block mid-record
+        receive = getattr(sock, "recv_if_ready", None)  # TLS: never block mid-record
         self._last_received = time.monotonic()
         early, self._initial_data = self._initial_data, b""  # read before we started (a handshake)
         while True:
@@ -100,7 +100,13 @@ class ReaderLoop(EventDispatch):
                         if reason is not None:
                             return reason
                 try:
-                    data = receive(next_read(recv_size))
+                    wanted = next_read(recv_size)
+                    if receive is not None:
+                        data = receive(wanted)
+                    elif wanted == recv_size:  # what is there, a few frames most likely: kept at its size
+                        data = recv_at_size(sock, wanted)
+                    else:  # the rest of a large DATA frame, or the header after one: as it comes
+                        data = sock.recv(wanted)
                 except ssl.SSLWantReadError:
                     continue  # a partial TLS record: poll again
                 except OSError as exc:
@@ -132,7 +138,12 @@ class ReaderLoop(EventDispatch):
             while budget > 0:
                 wanted = next_read(recv_size)
                 try:
-                    data = sock.recv(wanted, socket.MSG_DONTWAIT) if tls_receive is None else tls_receive(wanted)
+                    if tls_receive is not None:
+                        data = tls_receive(wanted)
+                    elif wanted == recv_size:  # what is there, a few frames most likely: kept at its size
+                        data = recv_at_size(sock, wanted, socket.MSG_DONTWAIT)
+                    else:  # the rest of a large DATA frame, or the header after one: as it comes
+                        data = sock.recv(wanted, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                     return None
                 except OSError as exc:

@@ -455,3 +455,75 @@ def test_closing_a_stream_never_waits_on_a_full_socket():
     finally:
         client_sock.close()
         peer.close()
+
+
+class _ReadsRecorded(socket.socket):
+    """A TCP socket that records each read it is asked for: ``(method, size)``."""
+
+    reads: List[Tuple[str, int]]
+
+    def recv(self, size: int, *args) -> bytes:  # type: ignore[override]
+        self.reads.append(("recv", size))
+        return super().recv(size, *args)
+
+    def recv_into(self, buffer, size: int = 0, *args) -> int:  # type: ignore[override]
+        self.reads.append(("recv_into", size))
+        return super().recv_into(buffer, size, *args)
+
+
+def test_reads_of_whatever_is_there_are_kept_at_their_size_and_large_payloads_as_they_come():
+    """``recv(256 KiB)`` makes 256 KiB and shrinks it to the few frames that came: read after read, that
+    left the reader thread's heap in pieces (chunked uploads: a backend 30 -> 38 MiB in a minute)."""
+    settings = ConnectionSettings()
+    client_sock, server_sock = tcp_pair()
+    recorded = _ReadsRecorded(fileno=server_sock.detach())
+    recorded.reads = []
+    big = bytes(range(256)) * 4096 * 4  # 4 MiB: large DATA frames, read as they come
+
+    def on_request(stream: Stream) -> None:
+        def echo() -> None:
+            stream.send_headers([(b":status", b"200")])
+            while True:
+                data = stream.read(-1, 10)
+                if not data:
+                    break
+                stream.send_data(data)
+            stream.end()
+            stream.close()
+
+        threading.Thread(target=echo, daemon=True).start()
+
+    server = Connection(recorded, client_side=False, on_request=on_request, name="server")
+    client = Connection(client_sock, client_side=True, name="client")
+    server.start()
+    client.start()
+    try:
+        assert client.wait_ready(5)
+        for body in (b"small", big, b"x" * 4096, b"again"):
+            stream = client.open_stream(REQUEST)
+
+            def send(stream: Stream = stream, body: bytes = body) -> None:
+                stream.send_data(body)
+                stream.end()
+
+            sender = threading.Thread(target=send)  # (the echo answers while the body still comes)
+            sender.start()
+            stream.wait_headers(10)
+            received = b""
+            while True:
+                data = stream.read(-1, 10)
+                if not data:
+                    break
+                received += data
+            sender.join(10)
+            stream.close()
+            assert received == body
+    finally:
+        client.close()
+        server.close()
+    asked = recorded.reads
+    assert ("recv_into", settings.recv_size) in asked
+    assert ("recv", settings.recv_size) not in asked
+    # What recv still reads: the rest of a large DATA frame exactly, or the frame header after one.
+    assert all(size >= 64 * 1024 or size <= 9 for method, size in asked if method == "recv")
+    assert any(size >= 64 * 1024 for method, size in asked if method == "recv")
