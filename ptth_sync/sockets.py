@@ -5,9 +5,8 @@ from __future__ import annotations
 import select
 import socket
 import ssl
-import threading
 import time
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 __all__ = ["IOV_MAX", "linger_close", "peer_name", "read_record", "recv_at_size", "recv_without_blocking",
            "send_without_blocking", "sendall_buffers", "shutdown", "unsent"]
@@ -23,27 +22,44 @@ _TLS_WRITE = 256 * 1024
 # a MiB-sized block per record that leaves the heap in pieces (a backend reading its TLS tunnel so grew
 # from 31 to over 150 MiB under a steady load of small POSTs).
 TLS_RECORD = 16384
-_thread_buffers = threading.local()
+# Buffers that reads land in before they are copied out at the size that came (read_record,
+# recv_at_size): taken for one read and given back, so that a few serve every thread; a thread
+# that finds none makes one, and one given back when enough are spare is dropped.
+_spare_buffers: List[bytearray] = []
+_SPARE_BUFFERS = 4
+
+
+def _read_at_size(read_into: Callable[[bytearray], int], size: int) -> bytes:
+    """What ``read_into(buffer)`` puts in a spare buffer of ``size`` bytes or more, copied out at its size."""
+    try:
+        buffer = _spare_buffers.pop()  # (pop and append are atomic: no lock)
+    except IndexError:
+        buffer = bytearray(size)
+    if len(buffer) < size:
+        buffer = bytearray(size)
+    try:
+        count = read_into(buffer)
+        with memoryview(buffer) as view:
+            return bytes(view[:count])
+    finally:
+        if len(_spare_buffers) < _SPARE_BUFFERS:
+            _spare_buffers.append(buffer)
 
 
 def read_record(tls: Any, size: int) -> bytes:
     """At most one TLS record's plaintext (and at most ``size`` bytes) from an SSLObject or SSLSocket.
 
-    The record lands first in a buffer the calling thread keeps, then is
-    copied out at its exact size: ``read(n)`` allocates ``n`` bytes and
-    shrinks them to what came, and even 16 KiB so allocated and shrunk,
-    record after record, left a thread's malloc arena in pieces (a backend
-    taking small uploads over a TLS tunnel: 11 -> 16 MB in two minutes, most
-    of it free; read so, it stays at about 2 MB). Raises what ``read`` raises.
+    The record lands first in a spare buffer, then is copied out at its
+    exact size: ``read(n)`` allocates ``n`` bytes and shrinks them to what
+    came, and even 16 KiB so allocated and shrunk, record after record, left
+    a thread's malloc arena in pieces (a backend taking small uploads over a
+    TLS tunnel: 11 -> 16 MB in two minutes, most of it free; read so, it
+    stays at about 2 MB). Raises what ``read`` raises.
     """
-    try:
-        buffer = _thread_buffers.record
-    except AttributeError:
-        buffer = _thread_buffers.record = bytearray(TLS_RECORD)
     size = min(size, TLS_RECORD)
-    count = tls.recv_into(buffer, size) if isinstance(tls, ssl.SSLSocket) else tls.read(size, buffer)
-    with memoryview(buffer) as view:
-        return bytes(view[:count])
+    if isinstance(tls, ssl.SSLSocket):
+        return _read_at_size(lambda buffer: tls.recv_into(buffer, size), size)
+    return _read_at_size(lambda buffer: tls.read(size, buffer), size)
 
 
 def recv_at_size(sock: socket.socket, size: int, flags: int = 0) -> bytes:
@@ -52,15 +68,10 @@ def recv_at_size(sock: socket.socket, size: int, flags: int = 0) -> bytes:
     ``recv(size)`` allocates ``size`` bytes and shrinks them to what came; a
     tunnel's reader asking for 256 KiB and getting a few frames, read after
     read, left its thread's malloc arena in pieces the same way (see
-    :func:`read_record`). What comes lands first in a buffer the calling
-    thread keeps. Raises what ``recv`` raises.
+    :func:`read_record`). For a socket that has something to read (a
+    buffer is held for the call). Raises what ``recv`` raises.
     """
-    buffer = getattr(_thread_buffers, "received", None)
-    if buffer is None or len(buffer) < size:
-        buffer = _thread_buffers.received = bytearray(size)
-    count = sock.recv_into(buffer, size, flags)
-    with memoryview(buffer) as view:
-        return bytes(view[:count])
+    return _read_at_size(lambda buffer: sock.recv_into(buffer, size, flags), size)
 
 
 def send_without_blocking(sock: Any, pending: Sequence[Any]) -> int:
