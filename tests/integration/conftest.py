@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, List
 
 import pytest
 
 from ptth_sync import Backend, Router
+from ptth_sync.connection import Stream
 from tests.conftest import wait_until
 
 
@@ -43,3 +45,19 @@ def backends():
     yield started
     for backend in started:
         backend.close()
+
+
+def echo_in_thread(stream: Stream) -> None:
+    """An engine's ``on_request``: answer 200 and echo the body back as it comes, on a thread of its own."""
+
+    def echo() -> None:
+        stream.send_headers([(b":status", b"200")])
+        while True:
+            data = stream.read(-1, 10)
+            if not data:
+                break
+            stream.send_data(data)
+        stream.end()
+        stream.close()
+
+    threading.Thread(target=echo, daemon=True).start()

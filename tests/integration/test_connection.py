@@ -13,6 +13,7 @@ import pytest
 from ptth_sync.connection import Connection, ConnectionSettings, Stream
 from ptth_sync.errors import ConnectionClosed
 from tests.conftest import wait_until
+from tests.integration.conftest import echo_in_thread
 
 MIB = 1024 * 1024
 REQUEST = [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"http"), (b":authority", b"test")]
@@ -480,20 +481,7 @@ def test_reads_of_whatever_is_there_are_kept_at_their_size_and_large_payloads_as
     recorded.reads = []
     big = bytes(range(256)) * 4096 * 4  # 4 MiB: large DATA frames, read as they come
 
-    def on_request(stream: Stream) -> None:
-        def echo() -> None:
-            stream.send_headers([(b":status", b"200")])
-            while True:
-                data = stream.read(-1, 10)
-                if not data:
-                    break
-                stream.send_data(data)
-            stream.end()
-            stream.close()
-
-        threading.Thread(target=echo, daemon=True).start()
-
-    server = Connection(recorded, client_side=False, on_request=on_request, name="server")
+    server = Connection(recorded, client_side=False, on_request=echo_in_thread, name="server")
     client = Connection(client_sock, client_side=True, name="client")
     server.start()
     client.start()

@@ -20,6 +20,7 @@ from ptth_sync.connection import Connection, Stream  # noqa: E402
 from ptth_sync.handshake import TLS_REQUIRED, TOKEN_REQUIRED, dial_upgrade  # noqa: E402
 from ptth_sync.tls import TLSChannel, client_context, server_context  # noqa: E402
 from tests.conftest import wait_until  # noqa: E402
+from tests.integration.conftest import echo_in_thread  # noqa: E402
 from tests.wsgi_client import wsgi_request  # noqa: E402
 
 
@@ -101,26 +102,13 @@ def test_large_bodies_cross_a_tls_tunnel_both_ways(pem_files, opened):
     opened[1].append(router)
     echo_bytes = bytes(range(256)) * 4096 * 4  # 4 MiB
 
-    def echo(stream: Stream) -> None:
-        def run() -> None:
-            stream.send_headers([(b":status", b"200")])
-            while True:
-                data = stream.read(-1, 10)
-                if not data:
-                    break
-                stream.send_data(data)
-            stream.end()
-            stream.close()
-
-        threading.Thread(target=run, daemon=True).start()
-
     sock = socket.create_connection(router.tunnel_address, timeout=5)
     channel = TLSChannel(sock, client_context(cafile=str(pem_files["ca"])), server_side=False,
                          server_hostname="localhost")
     channel.do_handshake(5)
     asked: List[Tuple[int, bool]] = []
     channel._ssl = _ReadsRecorded(channel._ssl, asked)
-    connection = Connection(channel, client_side=False, on_request=echo)  # type: ignore[arg-type]
+    connection = Connection(channel, client_side=False, on_request=echo_in_thread)  # type: ignore[arg-type]
     connection.start()
     opened[0].append(connection)
     wait_until(lambda: len(router.pool) == 1, what="the TLS tunnel")
