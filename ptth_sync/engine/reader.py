@@ -88,7 +88,6 @@ class ReaderLoop(EventDispatch):
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes already
-        receive = getattr(sock, "recv_if_ready", None)  # TLS: never block mid-record
         self._last_received = time.monotonic()
         early, self._initial_data = self._initial_data, b""  # read before we started (a handshake)
         while True:
@@ -100,13 +99,7 @@ class ReaderLoop(EventDispatch):
                         if reason is not None:
                             return reason
                 try:
-                    wanted = next_read(recv_size)
-                    if receive is not None:
-                        data = receive(wanted)
-                    elif wanted == recv_size:  # what is there, a few frames most likely: kept at its size
-                        data = recv_at_size(sock, wanted)
-                    else:  # the rest of a large DATA frame, or the header after one: as it comes
-                        data = sock.recv(wanted)
+                    data = self._receive(next_read(recv_size))
                 except ssl.SSLWantReadError:
                     continue  # a partial TLS record: poll again
                 except OSError as exc:
@@ -114,6 +107,15 @@ class ReaderLoop(EventDispatch):
             reason = self._take_in(data)
             if reason is not None:
                 return reason
+
+    def _receive(self, wanted: int, flags: int = 0) -> bytes:
+        """Read up to ``wanted`` bytes: a TLS channel's next record (it never blocks mid-record); the rest
+        of a large DATA frame, or the header after one, as it comes; else what is there, kept at its size."""
+        if self._tls_receive is not None:
+            return self._tls_receive(wanted)
+        if wanted == self.settings.recv_size:
+            return recv_at_size(self.sock, wanted, flags)
+        return self.sock.recv(wanted, flags)  # type: ignore[no-any-return]
 
     def _receive_available(self) -> Optional[str]:
         """Driven reading: take in what the socket holds now, without blocking; the reason it ended, if it did.
@@ -128,7 +130,6 @@ class ReaderLoop(EventDispatch):
                 reason = self._take_in(early)
                 if reason is not None:
                     return reason
-            sock = self.sock
             recv_size = self.settings.recv_size
             next_read = self._h2.incoming_buffer.next_read
             # A TLS channel: decrypts a record at a time, and raises SSLWantReadError when no whole one
@@ -138,12 +139,7 @@ class ReaderLoop(EventDispatch):
             while budget > 0:
                 wanted = next_read(recv_size)
                 try:
-                    if tls_receive is not None:
-                        data = tls_receive(wanted)
-                    elif wanted == recv_size:  # what is there, a few frames most likely: kept at its size
-                        data = recv_at_size(sock, wanted, socket.MSG_DONTWAIT)
-                    else:  # the rest of a large DATA frame, or the header after one: as it comes
-                        data = sock.recv(wanted, socket.MSG_DONTWAIT)
+                    data = self._receive(wanted, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                     return None
                 except OSError as exc:
